@@ -1,0 +1,153 @@
+//! Map keys, values, names and sizes shared by redirector's kernel programs and its daemon.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so that the kernel and userspace agree
+//! on its layout byte for byte; `size_of` checks at the bottom pin those layouts down.
+//! Addresses and ports are stored in network byte order, exactly as the kernel hands them to a
+//! `cgroup/sock_addr` program, so the hot path never converts.
+#![no_std]
+
+/// Suffix of every pinned map name. Bump it whenever a key or value layout changes, so that a new
+/// daemon never reads maps pinned by an older one with a different layout.
+pub const MAP_VERSION: &str = "v1";
+
+/// Map names, as declared by the kernel programs and pinned under the bpffs directory.
+///
+/// Keep in sync with the `#[map]` statics in `redirector-ebpf/src/maps.rs`; each ends in
+/// [`MAP_VERSION`].
+pub mod map_names {
+    pub const SERVICES: &str = "RDR_SERVICES_v1";
+    pub const MEMBERS: &str = "RDR_MEMBERS_v1";
+    pub const ROUTES: &str = "RDR_ROUTES_v1";
+    pub const REVNAT: &str = "RDR_REVNAT_v1";
+    pub const STATS: &str = "RDR_STATS_v1";
+
+    pub const ALL: [&str; 5] = [SERVICES, MEMBERS, ROUTES, REVNAT, STATS];
+}
+
+/// Capacities. The daemon reports "map full" against these before it writes anything.
+pub mod map_sizes {
+    pub const SERVICES: u32 = 131_072;
+    pub const MEMBERS: u32 = 16_384;
+    pub const ROUTES: u32 = 131_072;
+    /// LRU: one entry per steered socket and fork address; old entries age out.
+    pub const REVNAT: u32 = 262_144;
+}
+
+/// Address family tags used in keys and values (not the kernel's AF_* numbers, which differ).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// An IPv4 or IPv6 socket address in network byte order.
+///
+/// IPv4 addresses live in `addr[0]` with the other words zero, so that one key type serves both
+/// families and a v4-mapped IPv6 destination can be looked up as plain IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockAddr {
+    /// Network byte order words, as in `bpf_sock_addr.user_ip6` / `user_ip4`.
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Key of `RDR_SERVICES`: a baseline destination as the application dials it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub protocol: u8,
+}
+
+/// Value of `RDR_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceValue {
+    /// Small integer the daemon assigns to the service; routes are keyed by it.
+    pub service_id: u32,
+    /// Reserved for per-service behaviour (the L7 hand-off); zero today.
+    pub flags: u32,
+}
+
+/// Value of `RDR_MEMBERS`, keyed by a network-namespace cookie (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MemberValue {
+    /// Small integer the daemon assigns to a sandbox key; key strings stay in userspace.
+    pub sandbox_id: u32,
+    pub _pad: u32,
+}
+
+/// Key of `RDR_ROUTES`; the value is the fork's [`SockAddr`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RouteKey {
+    pub service_id: u32,
+    pub sandbox_id: u32,
+}
+
+/// Key of `RDR_REVNAT`: the fork address a steered socket really talks to. The value is the
+/// service address the application dialed, given back by `getpeername` and `recvmsg`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNatKey {
+    pub socket_cookie: u64,
+    pub fork: SockAddr,
+    pub _pad: u32,
+}
+
+/// Slots of the per-CPU `RDR_STATS` array.
+pub mod stats {
+    /// Destination is not a service: the fast path, one lookup and out.
+    pub const FAST_PATH: u32 = 0;
+    /// Destination is a service but the socket is not steered (not a member, or no route).
+    pub const SERVICE_PASS: u32 = 1;
+    /// Destination rewritten to a fork.
+    pub const STEERED: u32 = 2;
+    /// `getpeername`/`recvmsg` gave the application back the service address.
+    pub const REVERSE_HIT: u32 = 3;
+    /// The reverse entry could not be recorded (should never happen: the map is LRU).
+    pub const REVNAT_UPDATE_FAILED: u32 = 4;
+
+    pub const COUNT: u32 = 5;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "fast_path",
+        "service_pass",
+        "steered",
+        "reverse_hit",
+        "revnat_update_failed",
+    ];
+}
+
+// Layouts are part of the kernel ABI between program and daemon: fail the build if they drift.
+const _: () = {
+    assert!(core::mem::size_of::<SockAddr>() == 20);
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 8);
+    assert!(core::mem::size_of::<MemberValue>() == 8);
+    assert!(core::mem::size_of::<RouteKey>() == 8);
+    assert!(core::mem::size_of::<RevNatKey>() == 32);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY (all): plain-old-data `#[repr(C)]` structs with explicit padding fields, so every
+    // byte is initialised and any bit pattern is valid.
+    unsafe impl aya::Pod for SockAddr {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for MemberValue {}
+    unsafe impl aya::Pod for RouteKey {}
+    unsafe impl aya::Pod for RevNatKey {}
+}

@@ -1,0 +1,16 @@
+//! `cgroup/connect4` and `cgroup/connect6`: steer a member's TCP connection or connected UDP socket to its fork.
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+use crate::{SYS_PROCEED, xlate};
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    xlate::fwd4(&ctx);
+    SYS_PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    xlate::fwd6(&ctx);
+    SYS_PROCEED
+}

@@ -1,0 +1,40 @@
+//! The maps, pinned by name under the daemon's bpffs directory so that they (and the steering
+//! they drive) outlive a daemon restart. Names and sizes come from `redirector_common`, which
+//! the daemon reads too.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use redirector_common::{
+    MemberValue, RevNatKey, RouteKey, ServiceKey, ServiceValue, SockAddr, map_sizes, stats,
+};
+
+/// Destinations that have at least one fork. A miss here is the fast path.
+#[map(name = "RDR_SERVICES_v1")]
+pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(map_sizes::SERVICES, 0);
+
+/// Network-namespace cookie of a member pod -> its sandbox.
+#[map(name = "RDR_MEMBERS_v1")]
+pub(crate) static MEMBERS: HashMap<u64, MemberValue> = HashMap::pinned(map_sizes::MEMBERS, 0);
+
+/// (service, sandbox) -> fork endpoint.
+#[map(name = "RDR_ROUTES_v1")]
+pub(crate) static ROUTES: HashMap<RouteKey, SockAddr> = HashMap::pinned(map_sizes::ROUTES, 0);
+
+/// (socket, fork endpoint) -> the service address the application dialed.
+#[map(name = "RDR_REVNAT_v1")]
+pub(crate) static REVNAT: LruHashMap<RevNatKey, SockAddr> =
+    LruHashMap::pinned(map_sizes::REVNAT, 0);
+
+/// Per-CPU event counters, one slot per `redirector_common::stats` constant.
+#[map(name = "RDR_STATS_v1")]
+pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+#[inline(always)]
+pub(crate) fn count(slot: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot is only touched by programs running on this CPU, one at a time.
+        unsafe { *counter += 1 };
+    }
+}

@@ -1,0 +1,470 @@
+//! The kernel maps: encoding the desired state into map entries and applying it without gaps.
+//!
+//! Applying is make-before-break: new and changed entries are written first (routes, then
+//! services, then members), stale ones removed last, so at no instant does a route that exists
+//! in both the old and the new state go missing.
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hash,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+};
+use redirector_common::{
+    FAMILY_V4, FAMILY_V6, MemberValue, RouteKey, ServiceKey, ServiceValue, SockAddr, map_sizes,
+    stats,
+};
+
+use crate::state::DesiredState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("map {map} is full: the state needs {needed} entries, the capacity is {capacity}")]
+    MapFull {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
+    #[error("{op} on map {map} failed: {source}")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// A socket address in the maps' encoding (network byte order, v4-mapped IPv6 folded to IPv4).
+pub fn sock_addr(addr: SocketAddr) -> SockAddr {
+    let port = addr.port().to_be();
+    match addr.ip().to_canonical() {
+        IpAddr::V4(ip) => SockAddr {
+            addr: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
+            port,
+            family: FAMILY_V4,
+            _pad: 0,
+        },
+        IpAddr::V6(ip) => {
+            let o = ip.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            SockAddr {
+                addr: [word(0), word(4), word(8), word(12)],
+                port,
+                family: FAMILY_V6,
+                _pad: 0,
+            }
+        }
+    }
+}
+
+pub fn service_key(addr: SocketAddr, protocol: u8) -> ServiceKey {
+    let a = sock_addr(addr);
+    ServiceKey {
+        addr: a.addr,
+        port: a.port,
+        family: a.family,
+        protocol,
+    }
+}
+
+/// The content of the three state maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelState {
+    pub services: HashMap<ServiceKey, ServiceValue>,
+    pub members: HashMap<u64, MemberValue>,
+    pub routes: HashMap<RouteKey, SockAddr>,
+}
+
+/// Integer ids for services and sandboxes, stable for as long as the thing exists.
+///
+/// Ids are never reused within one daemon run: a sandbox deleted and another created in the
+/// same apply must not inherit the old one's routes for the instant both exist.
+#[derive(Debug, Default)]
+pub struct Ids {
+    services: HashMap<ServiceKey, u32>,
+    sandboxes: HashMap<String, u32>,
+    next: u32,
+}
+
+impl Ids {
+    /// Takes over the ids already in the kernel, so that a restarted daemon rewrites nothing
+    /// that did not change: services by their key, sandboxes by their members' cookies.
+    pub fn adopt(current: &KernelState, desired: &DesiredState, cookies: &MemberCookies) -> Ids {
+        let mut ids = Ids::default();
+        for (key, value) in &current.services {
+            ids.services.insert(*key, value.service_id);
+        }
+        let mut taken = HashSet::new();
+        for sandbox in desired.sandboxes.values() {
+            let adopted = sandbox
+                .members
+                .iter()
+                .filter_map(|path| cookies.get(path))
+                .filter_map(|cookie| current.members.get(cookie))
+                .map(|m| m.sandbox_id)
+                .find(|id| !taken.contains(id));
+            if let Some(id) = adopted {
+                taken.insert(id);
+                ids.sandboxes.insert(sandbox.key.clone(), id);
+            }
+        }
+        let highest = current
+            .services
+            .values()
+            .map(|v| v.service_id)
+            .chain(current.members.values().map(|m| m.sandbox_id))
+            .chain(current.routes.keys().flat_map(|k| [k.service_id, k.sandbox_id]))
+            .max()
+            .unwrap_or(0);
+        ids.next = highest + 1;
+        ids
+    }
+
+    fn allocate(next: &mut u32) -> u32 {
+        let id = (*next).max(1);
+        *next = id.wrapping_add(1).max(1);
+        id
+    }
+
+    fn service(&mut self, key: ServiceKey) -> u32 {
+        let next = &mut self.next;
+        *self
+            .services
+            .entry(key)
+            .or_insert_with(|| Self::allocate(next))
+    }
+
+    fn sandbox(&mut self, key: &str) -> u32 {
+        if let Some(id) = self.sandboxes.get(key) {
+            return *id;
+        }
+        let id = Self::allocate(&mut self.next);
+        self.sandboxes.insert(key.to_owned(), id);
+        id
+    }
+
+    /// Forgets ids of things no longer desired.
+    fn retain(&mut self, state: &KernelState, desired: &DesiredState) {
+        self.services.retain(|key, _| state.services.contains_key(key));
+        self.sandboxes
+            .retain(|key, _| desired.sandboxes.contains_key(key));
+    }
+}
+
+/// Network-namespace cookies of member paths, resolved before encoding (resolution touches the
+/// kernel; encoding stays pure).
+pub type MemberCookies = HashMap<PathBuf, u64>;
+
+/// Encodes `desired` as map entries. Members whose cookie is unknown (their namespace is gone)
+/// are left out; the caller has already warned about them.
+pub fn encode(desired: &DesiredState, ids: &mut Ids, cookies: &MemberCookies) -> KernelState {
+    let mut state = KernelState::default();
+    // Only services that have a fork need an entry: everything else stays on the fast path.
+    for service in desired.services.values() {
+        let forked = desired
+            .sandboxes
+            .values()
+            .any(|s| s.routes.contains_key(&service.name));
+        if !forked {
+            continue;
+        }
+        let key = service_key(service.address, service.protocol.ip_protocol());
+        let service_id = ids.service(key);
+        state.services.insert(
+            key,
+            ServiceValue {
+                service_id,
+                flags: 0,
+            },
+        );
+    }
+    for sandbox in desired.sandboxes.values() {
+        let sandbox_id = ids.sandbox(&sandbox.key);
+        for path in &sandbox.members {
+            if let Some(cookie) = cookies.get(path) {
+                state.members.insert(
+                    *cookie,
+                    MemberValue {
+                        sandbox_id,
+                        _pad: 0,
+                    },
+                );
+            }
+        }
+        for (service_name, fork) in &sandbox.routes {
+            let Some(service) = desired.services.get(service_name) else {
+                continue;
+            };
+            let key = service_key(service.address, service.protocol.ip_protocol());
+            let service_id = ids.service(key);
+            state.routes.insert(
+                RouteKey {
+                    service_id,
+                    sandbox_id,
+                },
+                sock_addr(*fork),
+            );
+        }
+    }
+    ids.retain(&state, desired);
+    state
+}
+
+/// Handles on the pinned maps.
+pub struct Maps {
+    pub services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    pub members: BpfHashMap<MapData, u64, MemberValue>,
+    pub routes: BpfHashMap<MapData, RouteKey, SockAddr>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+/// Per-event counters summed over CPUs, in `redirector_common::stats` order.
+pub type Counters = [(&'static str, u64); stats::COUNT as usize];
+
+impl Maps {
+    /// What the kernel holds now.
+    pub fn read(&self) -> Result<KernelState, SyncError> {
+        Ok(KernelState {
+            services: read_map(&self.services, "services")?,
+            members: read_map(&self.members, "members")?,
+            routes: read_map(&self.routes, "routes")?,
+        })
+    }
+
+    /// Makes the kernel hold `desired`, given that it holds `current`; see the module docs for
+    /// the ordering. A map too full to hold old and new entries at once has its stale entries
+    /// removed first instead: a brief gap is better than refusing a state that fits.
+    pub fn apply(&mut self, current: &KernelState, desired: &KernelState) -> Result<(), SyncError> {
+        let routes_fit = check_capacity("routes", &current.routes, &desired.routes, map_sizes::ROUTES)?;
+        let services_fit =
+            check_capacity("services", &current.services, &desired.services, map_sizes::SERVICES)?;
+        let members_fit =
+            check_capacity("members", &current.members, &desired.members, map_sizes::MEMBERS)?;
+
+        if !routes_fit {
+            remove_stale(&mut self.routes, "routes", &current.routes, &desired.routes)?;
+        }
+        if !services_fit {
+            remove_stale(&mut self.services, "services", &current.services, &desired.services)?;
+        }
+        if !members_fit {
+            remove_stale(&mut self.members, "members", &current.members, &desired.members)?;
+        }
+        upsert(&mut self.routes, "routes", &current.routes, &desired.routes)?;
+        upsert(&mut self.services, "services", &current.services, &desired.services)?;
+        upsert(&mut self.members, "members", &current.members, &desired.members)?;
+        remove_stale(&mut self.members, "members", &current.members, &desired.members)?;
+        remove_stale(&mut self.services, "services", &current.services, &desired.services)?;
+        remove_stale(&mut self.routes, "routes", &current.routes, &desired.routes)?;
+        Ok(())
+    }
+
+    pub fn counters(&self) -> Result<Counters, SyncError> {
+        let mut out = stats::NAMES.map(|name| (name, 0));
+        for (slot, entry) in out.iter_mut().enumerate() {
+            let values = self
+                .stats
+                .get(&(slot as u32), 0)
+                .map_err(|source| SyncError::Map {
+                    map: "stats",
+                    op: "read",
+                    source,
+                })?;
+            entry.1 = values.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+fn read_map<K: Pod + Eq + Hash, V: Pod>(
+    map: &BpfHashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<HashMap<K, V>, SyncError> {
+    map.iter()
+        .collect::<Result<HashMap<K, V>, MapError>>()
+        .map_err(|source| SyncError::Map {
+            map: name,
+            op: "read",
+            source,
+        })
+}
+
+/// Fails before writing anything if `desired` cannot fit. Returns whether the union of old and
+/// new entries fits too, i.e. whether make-before-break is possible for this map.
+fn check_capacity<K: Eq + Hash, V>(
+    map: &'static str,
+    current: &HashMap<K, V>,
+    desired: &HashMap<K, V>,
+    capacity: u32,
+) -> Result<bool, SyncError> {
+    if desired.len() > capacity as usize {
+        return Err(SyncError::MapFull {
+            map,
+            needed: desired.len(),
+            capacity,
+        });
+    }
+    let added = desired.keys().filter(|k| !current.contains_key(k)).count();
+    Ok(current.len() + added <= capacity as usize)
+}
+
+fn upsert<K: Pod + Eq + Hash, V: Pod + PartialEq>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    name: &'static str,
+    current: &HashMap<K, V>,
+    desired: &HashMap<K, V>,
+) -> Result<(), SyncError> {
+    for (key, value) in desired {
+        if current.get(key) != Some(value) {
+            map.insert(key, value, 0).map_err(|source| SyncError::Map {
+                map: name,
+                op: "insert",
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_stale<K: Pod + Eq + Hash, V: Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    name: &'static str,
+    current: &HashMap<K, V>,
+    desired: &HashMap<K, V>,
+) -> Result<(), SyncError> {
+    for key in current.keys().filter(|k| !desired.contains_key(k)) {
+        match map.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(SyncError::Map {
+                    map: name,
+                    op: "remove",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::{Protocol, Sandbox, Service};
+
+    fn desired(routes: &[(&str, &str, &str)]) -> DesiredState {
+        let mut state = DesiredState::default();
+        for (name, addr) in [("a", "10.96.0.10:8080"), ("b", "[fd00::10]:53")] {
+            state.services.insert(
+                name.to_owned(),
+                Service {
+                    name: name.to_owned(),
+                    address: addr.parse().unwrap(),
+                    protocol: if name == "b" { Protocol::Udp } else { Protocol::Http },
+                },
+            );
+        }
+        for (key, service, fork) in routes {
+            let sandbox = state
+                .sandboxes
+                .entry(key.to_string())
+                .or_insert_with(|| Sandbox {
+                    key: key.to_string(),
+                    members: vec![PathBuf::from(format!("/run/netns/{key}"))],
+                    routes: BTreeMap::new(),
+                });
+            sandbox
+                .routes
+                .insert(service.to_string(), fork.parse().unwrap());
+        }
+        state
+    }
+
+    fn cookies() -> MemberCookies {
+        [("k1", 100), ("k2", 200)]
+            .into_iter()
+            .map(|(k, c)| (PathBuf::from(format!("/run/netns/{k}")), c))
+            .collect()
+    }
+
+    #[test]
+    fn addresses_are_network_order_and_v4_mapped_folds_to_v4() {
+        let a = sock_addr("10.1.2.3:8080".parse().unwrap());
+        assert_eq!(a.family, FAMILY_V4);
+        assert_eq!(a.addr[0].to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(a.port.to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(sock_addr("[::ffff:10.1.2.3]:8080".parse().unwrap()), a);
+        let b = sock_addr("[fd00::1]:53".parse().unwrap());
+        assert_eq!(b.family, FAMILY_V6);
+        assert_eq!(b.addr[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        assert_eq!(b.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn only_forked_services_get_entries() {
+        let mut ids = Ids::default();
+        let state = encode(&desired(&[("k1", "a", "10.0.1.7:8080")]), &mut ids, &cookies());
+        assert_eq!(state.services.len(), 1);
+        let key = service_key("10.96.0.10:8080".parse().unwrap(), redirector_common::IPPROTO_TCP);
+        let svc = state.services[&key];
+        assert_eq!(state.members[&100].sandbox_id, state.routes.keys().next().unwrap().sandbox_id);
+        assert_eq!(state.routes.keys().next().unwrap().service_id, svc.service_id);
+    }
+
+    #[test]
+    fn ids_are_stable_across_reencoding_and_never_reused() {
+        let mut ids = Ids::default();
+        let c = cookies();
+        let first = encode(&desired(&[("k1", "a", "10.0.1.7:8080")]), &mut ids, &c);
+        let again = encode(&desired(&[("k1", "a", "10.0.1.7:8080")]), &mut ids, &c);
+        assert_eq!(first, again);
+        // k1 goes, k2 comes in the same apply: k2 must not get k1's id.
+        let swapped = encode(&desired(&[("k2", "a", "10.0.1.8:8080")]), &mut ids, &c);
+        assert_ne!(
+            swapped.members[&200].sandbox_id,
+            first.members[&100].sandbox_id
+        );
+    }
+
+    #[test]
+    fn adopted_ids_reproduce_the_kernel_state() {
+        let c = cookies();
+        let want = desired(&[("k1", "a", "10.0.1.7:8080"), ("k2", "b", "[fd00::7]:53")]);
+        let current = encode(&want, &mut Ids::default(), &c);
+        // A restarted daemon adopts the ids: re-encoding changes nothing.
+        let mut ids = Ids::adopt(&current, &want, &c);
+        assert_eq!(encode(&want, &mut ids, &c), current);
+    }
+
+    #[test]
+    fn members_with_unknown_cookies_are_skipped() {
+        let mut ids = Ids::default();
+        let state = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080")]),
+            &mut ids,
+            &MemberCookies::new(),
+        );
+        assert!(state.members.is_empty());
+        assert_eq!(state.routes.len(), 1);
+    }
+
+    #[test]
+    fn capacity_checks_desired_and_reports_whether_the_union_fits() {
+        let current: HashMap<u32, u32> = (0..8).map(|i| (i, i)).collect();
+        let desired: HashMap<u32, u32> = (4..12).map(|i| (i, i)).collect();
+        assert!(check_capacity("t", &current, &desired, 12).unwrap());
+        assert!(!check_capacity("t", &current, &desired, 11).unwrap());
+        let too_big: HashMap<u32, u32> = (0..20).map(|i| (i, i)).collect();
+        let err = check_capacity("t", &HashMap::new(), &too_big, 11).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "map t is full: the state needs 20 entries, the capacity is 11"
+        );
+    }
+}

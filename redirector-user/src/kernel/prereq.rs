@@ -1,0 +1,114 @@
+//! Checks that the machine can host redirector, each failing with a message that says how to
+//! fix it. The daemon runs them before it touches the kernel.
+use std::path::{Path, PathBuf};
+
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+
+/// `BPF_FS_MAGIC` from linux/magic.h (nix does not export it).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrereqError {
+    #[error("redirector must run as root (loading eBPF programs needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
+    NotRoot,
+    #[error("no cgroup2 filesystem is mounted (see /proc/mounts); mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`")]
+    NoCgroup2,
+    #[error("attach point {path} does not exist; create the cgroup or fix `daemon.cgroup`")]
+    CgroupMissing { path: PathBuf },
+    #[error("attach point {path} is not a cgroup v2 directory (cgroup2 is mounted at {mount})")]
+    NotCgroup2 { path: PathBuf, mount: PathBuf },
+    #[error("refusing to attach to the root cgroup {path}: every process of the machine runs there; use a child cgroup (e.g. the pods' cgroup)")]
+    RootCgroup { path: PathBuf },
+    #[error("no bpffs at {path}: mount one with `mount -t bpf bpf {path}` or fix `daemon.bpffs`")]
+    NoBpffs { path: PathBuf },
+}
+
+pub fn check_root() -> Result<(), PrereqError> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(PrereqError::NotRoot)
+    }
+}
+
+/// Where cgroup2 is mounted, read from /proc/mounts (hybrid layouts put it under
+/// /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup).
+pub fn cgroup2_mount() -> Result<PathBuf, PrereqError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|_| PrereqError::NoCgroup2)?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_src, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(target))
+        })
+        .next()
+        .ok_or(PrereqError::NoCgroup2)
+}
+
+/// The attach point must be an existing, non-root cgroup v2 directory.
+pub fn check_cgroup(path: &Path) -> Result<(), PrereqError> {
+    let mount = cgroup2_mount()?;
+    if !path.is_dir() {
+        return Err(PrereqError::CgroupMissing {
+            path: path.to_owned(),
+        });
+    }
+    let fs = statfs(path).map_err(|_| PrereqError::CgroupMissing {
+        path: path.to_owned(),
+    })?;
+    if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+        return Err(PrereqError::NotCgroup2 {
+            path: path.to_owned(),
+            mount,
+        });
+    }
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    let mount = mount.canonicalize().unwrap_or(mount);
+    if canonical == mount {
+        return Err(PrereqError::RootCgroup {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The pin directory's nearest existing ancestor must be on a bpffs: pins only work there.
+pub fn check_bpffs(pin_dir: &Path) -> Result<(), PrereqError> {
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    match statfs(existing) {
+        Ok(fs) if fs.filesystem_type().0 as i64 == BPF_FS_MAGIC => Ok(()),
+        _ => Err(PrereqError::NoBpffs {
+            path: existing.to_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tmp_is_not_bpffs() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = check_bpffs(&dir.path().join("redirector")).unwrap_err();
+        assert!(matches!(err, PrereqError::NoBpffs { .. }), "{err}");
+    }
+
+    #[test]
+    fn root_cgroup_is_refused() {
+        let mount = cgroup2_mount().expect("cgroup2 must be mounted to run these tests");
+        let err = check_cgroup(&mount).unwrap_err();
+        assert!(matches!(err, PrereqError::RootCgroup { .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_cgroup_is_named() {
+        let mount = cgroup2_mount().expect("cgroup2 must be mounted to run these tests");
+        let err = check_cgroup(&mount.join("no-such-cgroup-here")).unwrap_err();
+        assert!(err.to_string().contains("no-such-cgroup-here"), "{err}");
+    }
+}

@@ -1,0 +1,259 @@
+//! Loading the kernel programs, attaching them to the cgroup, and pinning everything so that
+//! steering survives the daemon.
+//!
+//! Layout under the pin directory (default `/sys/fs/bpf/redirector`):
+//!
+//! ```text
+//! RDR_*_v1                 maps, pinned by name (reused on start: the state survives)
+//! links/cg<INODE>/<hook>   one bpf_link per hook, for the cgroup with that inode
+//! ```
+//!
+//! On start, a hook whose link is already pinned for the configured cgroup is adopted, not
+//! attached again, so a restart (even after `kill -9`) never leaves a window without steering and
+//! never stacks duplicate programs. Links pinned for another cgroup are left from an older
+//! config: they are detached once the new ones are in place.
+use std::{
+    fs::{self, File},
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use redirector_common::map_names;
+
+use super::maps::Maps;
+
+/// The hooks, by program name (the function names in redirector-ebpf).
+pub const HOOKS: [&str; 8] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+];
+
+const LINKS_DIR: &str = "links";
+
+/// The compiled kernel programs, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open attach cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[from] EbpfError),
+    #[error("the eBPF object has no {kind} {name:?} (build mismatch)")]
+    Missing { kind: &'static str, name: String },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot pin link of {name} at {path}: {source}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("pinned link {path} is unusable: {source}")]
+    BadPin {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+}
+
+/// What starting the kernel side did.
+#[derive(Debug, Default)]
+pub struct AttachReport {
+    pub adopted: Vec<&'static str>,
+    pub attached: Vec<&'static str>,
+    /// Link pins of other cgroups removed (their programs detached).
+    pub detached: Vec<PathBuf>,
+}
+
+/// The loaded kernel side: map handles, plus the object kept alive for as long as the daemon
+/// runs.
+pub struct Kernel {
+    pub maps: Maps,
+    _ebpf: Ebpf,
+}
+
+/// Loads (or adopts) the programs and maps under `pin_dir` and makes sure every hook is
+/// attached to `cgroup` exactly once.
+///
+/// Needs Linux 5.7+ (`bpf_link` for cgroup hooks, `bpf_get_netns_cookie`).
+pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<(Kernel, AttachReport), LoadError> {
+    fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(EBPF_OBJECT)?;
+    let maps = take_maps(&mut ebpf)?;
+
+    let cgroup_file = File::open(cgroup).map_err(|source| LoadError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    let inode = cgroup_file
+        .metadata()
+        .map_err(|source| LoadError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?
+        .ino();
+    let links = pin_dir.join(LINKS_DIR);
+    let our_links = links.join(format!("cg{inode}"));
+    fs::create_dir_all(&our_links).map_err(|source| LoadError::PinDir {
+        path: our_links.clone(),
+        source,
+    })?;
+
+    let mut report = AttachReport::default();
+    for name in HOOKS {
+        let pin = our_links.join(name);
+        if pin.exists() {
+            PinnedLink::from_pin(&pin).map_err(|source| LoadError::BadPin {
+                path: pin.clone(),
+                source,
+            })?;
+            report.adopted.push(name);
+            continue;
+        }
+        attach_and_pin(&mut ebpf, name, &cgroup_file, &pin)?;
+        report.attached.push(name);
+    }
+
+    // Links of a cgroup the config no longer names: unpinning the last reference detaches.
+    for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path != our_links {
+            report.detached.push(path.clone());
+            remove_pins(&path);
+        }
+    }
+
+    Ok((Kernel { maps, _ebpf: ebpf }, report))
+}
+
+fn attach_and_pin(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    pin: &Path,
+) -> Result<(), LoadError> {
+    let program_error = |source| LoadError::Program { name, source };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or_else(|| LoadError::Missing {
+            kind: "program",
+            name: name.to_owned(),
+        })?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
+    // `Single` means "no flags": the kernel refuses flags on bpf_link_create for cgroups, and a
+    // link-based attachment coexists with other tools' programs on the same hooks anyway.
+    let link_id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(program_error)?;
+    let link = program.take_link(link_id).map_err(program_error)?;
+    let fd_link = FdLink::try_from(link).map_err(|source| LoadError::PinLink {
+        name,
+        path: pin.to_owned(),
+        source: source.into(),
+    })?;
+    fd_link.pin(pin).map_err(|source| LoadError::PinLink {
+        name,
+        path: pin.to_owned(),
+        source: source.into(),
+    })?;
+    Ok(())
+}
+
+fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
+    fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+    ) -> Result<T, LoadError> {
+        let map = ebpf.take_map(name).ok_or_else(|| LoadError::Missing {
+            kind: "map",
+            name: name.to_owned(),
+        })?;
+        T::try_from(map).map_err(|source| LoadError::Map { name, source })
+    }
+    Ok(Maps {
+        services: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::SERVICES)?,
+        members: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::MEMBERS)?,
+        routes: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::ROUTES)?,
+        stats: take::<PerCpuArray<MapData, _>>(ebpf, map_names::STATS)?,
+    })
+}
+
+/// Removes every pin under `dir` and the directory itself; pins that are the last reference
+/// detach their links and free their maps.
+fn remove_pins(dir: &Path) {
+    if let Err(err) = fs::remove_dir_all(dir)
+        && err.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %dir.display(), error = %err, "cannot remove pins");
+    }
+}
+
+/// Detaches every hook and removes every map pinned under `pin_dir`. Returns false if there was
+/// nothing to remove.
+pub fn uninstall(pin_dir: &Path) -> Result<bool, io::Error> {
+    if !pin_dir.exists() {
+        return Ok(false);
+    }
+    // Links first: once they are gone nothing steers, then the maps can go.
+    let links = pin_dir.join(LINKS_DIR);
+    if links.exists() {
+        fs::remove_dir_all(&links)?;
+    }
+    for name in map_names::ALL {
+        match fs::remove_file(pin_dir.join(name)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => Ok(true),
+        // Someone else's pins live there too: leave them.
+        Err(err) if err.kind() == io::ErrorKind::DirectoryNotEmpty => Ok(true),
+        Err(err) => Err(err),
+    }
+}

@@ -1,0 +1,63 @@
+//! The desired state the daemon makes true in the kernel: services, sandboxes, their member pods
+//! and routes. Validated on construction (see `config`); the kernel encoding lives in
+//! `kernel::maps`.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+};
+
+/// How a service is reached, which decides how its forks are routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    /// HTTP/1.1 or HTTP/2 over TCP: members are steered like `tcp` today; per-request routing
+    /// by the node router builds on it.
+    Http,
+}
+
+impl Protocol {
+    /// The IP protocol the kernel sees for sockets of this service.
+    pub fn ip_protocol(self) -> u8 {
+        match self {
+            Protocol::Tcp | Protocol::Http => redirector_common::IPPROTO_TCP,
+            Protocol::Udp => redirector_common::IPPROTO_UDP,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub address: SocketAddr,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    pub key: String,
+    /// Network-namespace paths of the pods that belong to the sandbox.
+    pub members: Vec<PathBuf>,
+    /// Service name -> fork endpoint.
+    pub routes: BTreeMap<String, SocketAddr>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// By service name.
+    pub services: BTreeMap<String, Service>,
+    /// By routing key.
+    pub sandboxes: BTreeMap<String, Sandbox>,
+}
+
+impl DesiredState {
+    pub fn route_count(&self) -> usize {
+        self.sandboxes.values().map(|s| s.routes.len()).sum()
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.sandboxes.values().map(|s| s.members.len()).sum()
+    }
+}
