@@ -3,9 +3,9 @@
 //! The verifier only accepts 4-byte loads and stores of `user_ip4`, `user_ip6[i]` and
 //! `user_port`; volatile accesses keep LLVM from merging or narrowing them.
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
-    EbpfContext as _,
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 

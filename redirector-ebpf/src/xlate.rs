@@ -5,9 +5,7 @@
 //! IPv6 sockets dialing a v4-mapped address go through the IPv4 tables, so an IPv4 service
 //! behaves the same whichever socket family reaches it.
 use aya_ebpf::programs::SockAddrContext;
-use redirector_common::{
-    FAMILY_V4, FAMILY_V6, RevNatKey, RouteKey, ServiceKey, SockAddr, stats,
-};
+use redirector_common::{FAMILY_V4, FAMILY_V6, RevNatKey, RouteKey, ServiceKey, SockAddr, stats};
 
 use crate::{
     ctx,

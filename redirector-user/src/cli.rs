@@ -46,9 +46,11 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Reloads on SIGHUP and when the file's content changes. Stopping the \
+#[command(
+    after_help = "Reloads on SIGHUP and when the file's content changes. Stopping the \
                         daemon (even kill -9) leaves steering in place; starting it again adopts \
-                        what is pinned.")]
+                        what is pinned."
+)]
 pub struct RunArgs {
     /// Config file (TOML).
     #[arg(short, long, value_name = "FILE")]
@@ -148,7 +150,10 @@ fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
     let removed = programs::uninstall(&bpffs)
         .with_context(|| format!("removing pins under {}", bpffs.display()))?;
     if removed {
-        println!("detached redirector and removed its pins under {}", bpffs.display());
+        println!(
+            "detached redirector and removed its pins under {}",
+            bpffs.display()
+        );
     } else {
         println!("nothing to remove: {} does not exist", bpffs.display());
     }
@@ -168,7 +173,14 @@ mod tests {
     #[test]
     fn run_flags_override_and_default() {
         let cli = Cli::try_parse_from([
-            "redirector", "run", "-c", "r.toml", "--cgroup", "/cg", "--poll-interval", "250ms",
+            "redirector",
+            "run",
+            "-c",
+            "r.toml",
+            "--cgroup",
+            "/cg",
+            "--poll-interval",
+            "250ms",
         ])
         .unwrap();
         let Command::Run(run) = cli.command else {

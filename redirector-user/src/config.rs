@@ -4,7 +4,7 @@
 //! every error is reported with the file, line, column and field it concerns, so one run of
 //! `redirector validate` shows everything to fix.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
     net::SocketAddr,
     ops::Range,
@@ -204,13 +204,16 @@ impl Validator<'_> {
         let mut state = DesiredState::default();
         // (address, protocol) -> service name: two services cannot claim one destination.
         let mut destinations: HashMap<(SocketAddr, u8), String> = HashMap::new();
+        // Names seen so far, valid or not, so that a duplicate is reported even next to another
+        // error.
+        let mut names = HashSet::new();
 
         for (i, raw) in services.into_iter().enumerate() {
             let field = |f: &str| format!("service[{i}].{f}");
             let name = raw.name.get_ref().clone();
             if name.is_empty() {
                 self.error(raw.name.span(), field("name"), "must not be empty");
-            } else if state.services.contains_key(&name) {
+            } else if !names.insert(name.clone()) {
                 self.error(
                     raw.name.span(),
                     field("name"),
@@ -221,7 +224,8 @@ impl Validator<'_> {
             let Some(address) = self.socket_addr(&raw.address, field("address")) else {
                 continue;
             };
-            if let Some(other) = destinations.insert((address, protocol.ip_protocol()), name.clone())
+            if let Some(other) =
+                destinations.insert((address, protocol.ip_protocol()), name.clone())
             {
                 self.error(
                     raw.address.span(),
@@ -273,6 +277,7 @@ impl Validator<'_> {
             }
 
             let mut routes = BTreeMap::new();
+            let mut routed = HashSet::new();
             for (j, route) in raw.routes.iter().enumerate() {
                 let f = |name: &str| field(&format!("routes[{j}].{name}"));
                 let service_name = route.service.get_ref();
@@ -284,7 +289,7 @@ impl Validator<'_> {
                         format!("unknown service {service_name:?}"),
                     );
                 }
-                if routes.contains_key(service_name) {
+                if !routed.insert(service_name.clone()) {
                     self.error(
                         route.service.span(),
                         f("service"),
@@ -325,7 +330,11 @@ impl Validator<'_> {
                 None
             }
             Ok(addr) if addr.ip().is_unspecified() => {
-                self.error(raw.span(), field, format!("{addr} is an unspecified address"));
+                self.error(
+                    raw.span(),
+                    field,
+                    format!("{addr} is an unspecified address"),
+                );
                 None
             }
             Ok(addr) => Some(addr),
@@ -426,7 +435,8 @@ routes = [
 
     #[test]
     fn unknown_protocol_is_rejected() {
-        let errs = errors("[[service]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nprotocol = \"sctp\"\n");
+        let errs =
+            errors("[[service]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\nprotocol = \"sctp\"\n");
         assert_eq!(errs[0].line, 4, "{errs:?}");
     }
 
@@ -501,7 +511,11 @@ members = ["/run/netns/p"]
         let errs = errors(text);
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs[0].message.contains("duplicate sandbox key"));
-        assert!(errs[1].message.contains("already a member of sandbox \"k\""));
+        assert!(
+            errs[1]
+                .message
+                .contains("already a member of sandbox \"k\"")
+        );
     }
 
     #[test]
@@ -511,8 +525,14 @@ members = ["/run/netns/p"]
             errors: errors("[[sandbox]]\nkey = \"\"\n"),
         };
         let text = err.to_string();
-        assert!(text.starts_with("invalid config r.toml (1 error)"), "{text}");
-        assert!(text.contains("r.toml:2:7: sandbox[0].key: routing key is empty"), "{text}");
+        assert!(
+            text.starts_with("invalid config r.toml (1 error)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("r.toml:2:7: sandbox[0].key: routing key is empty"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -153,7 +153,9 @@ async fn watch(
         };
         match reload(opts, placement, sync, reason) {
             Ok(config) => running = config,
-            Err(err) => error!(reason, error = %format!("{err:#}"), "reload rejected; running state unchanged"),
+            Err(err) => {
+                error!(reason, error = %format!("{err:#}"), "reload rejected; running state unchanged")
+            }
         }
     }
 }
@@ -214,14 +216,18 @@ impl Sync {
     fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<Applied> {
         let cookies = self.resolve_members(desired);
         let current: KernelState = self.kernel.maps.read()?;
-        let ids = self
-            .ids
-            .get_or_insert_with(|| Ids::adopt(&current, desired, &cookies));
-        let encoded = encode(desired, ids, &cookies);
+        // Ids change only once the kernel has taken the new state: a rejected state must not
+        // leave ids behind that the running one does not use.
+        let mut ids = match &self.ids {
+            Some(ids) => ids.clone(),
+            None => Ids::adopt(&current, desired, &cookies),
+        };
+        let encoded = encode(desired, &mut ids, &cookies);
         let changed = encoded != current;
         if changed {
             self.kernel.maps.apply(&current, &encoded)?;
         }
+        self.ids = Some(ids);
         Ok(Applied {
             members: encoded.members.len(),
             changed,

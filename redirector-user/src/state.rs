@@ -1,11 +1,7 @@
 //! The desired state the daemon makes true in the kernel: services, sandboxes, their member pods
 //! and routes. Validated on construction (see `config`); the kernel encoding lives in
 //! `kernel::maps`.
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 /// How a service is reached, which decides how its forks are routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]

@@ -1,1 +1,40 @@
-fn main() {}
+//! Developer tasks. `cargo xtask setup` installs the build prerequisites; every other task runs
+//! it first, so `cargo xtask demo` and `cargo xtask test` work on a fresh machine.
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "redirector's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install rust-src and a bpf-linker built against this toolchain's LLVM (idempotent).
+    Setup(setup::Options),
+    /// Live demo on a simulated node: a member pod and a non-member pod call the same service.
+    Demo(demo::Options),
+    /// Run the whole test suite (unit and end-to-end; needs root).
+    Test(test::Options),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup(opts) => setup::run(&opts),
+        Task::Demo(opts) => demo::run(&opts),
+        Task::Test(opts) => test::run(&opts),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -83,7 +83,7 @@ pub struct KernelState {
 ///
 /// Ids are never reused within one daemon run: a sandbox deleted and another created in the
 /// same apply must not inherit the old one's routes for the instant both exist.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Ids {
     services: HashMap<ServiceKey, u32>,
     sandboxes: HashMap<String, u32>,
@@ -117,7 +117,12 @@ impl Ids {
             .values()
             .map(|v| v.service_id)
             .chain(current.members.values().map(|m| m.sandbox_id))
-            .chain(current.routes.keys().flat_map(|k| [k.service_id, k.sandbox_id]))
+            .chain(
+                current
+                    .routes
+                    .keys()
+                    .flat_map(|k| [k.service_id, k.sandbox_id]),
+            )
             .max()
             .unwrap_or(0);
         ids.next = highest + 1;
@@ -149,7 +154,8 @@ impl Ids {
 
     /// Forgets ids of things no longer desired.
     fn retain(&mut self, state: &KernelState, desired: &DesiredState) {
-        self.services.retain(|key, _| state.services.contains_key(key));
+        self.services
+            .retain(|key, _| state.services.contains_key(key));
         self.sandboxes
             .retain(|key, _| desired.sandboxes.contains_key(key));
     }
@@ -239,26 +245,69 @@ impl Maps {
     /// the ordering. A map too full to hold old and new entries at once has its stale entries
     /// removed first instead: a brief gap is better than refusing a state that fits.
     pub fn apply(&mut self, current: &KernelState, desired: &KernelState) -> Result<(), SyncError> {
-        let routes_fit = check_capacity("routes", &current.routes, &desired.routes, map_sizes::ROUTES)?;
-        let services_fit =
-            check_capacity("services", &current.services, &desired.services, map_sizes::SERVICES)?;
-        let members_fit =
-            check_capacity("members", &current.members, &desired.members, map_sizes::MEMBERS)?;
+        let routes_fit = check_capacity(
+            "routes",
+            &current.routes,
+            &desired.routes,
+            map_sizes::ROUTES,
+        )?;
+        let services_fit = check_capacity(
+            "services",
+            &current.services,
+            &desired.services,
+            map_sizes::SERVICES,
+        )?;
+        let members_fit = check_capacity(
+            "members",
+            &current.members,
+            &desired.members,
+            map_sizes::MEMBERS,
+        )?;
 
         if !routes_fit {
             remove_stale(&mut self.routes, "routes", &current.routes, &desired.routes)?;
         }
         if !services_fit {
-            remove_stale(&mut self.services, "services", &current.services, &desired.services)?;
+            remove_stale(
+                &mut self.services,
+                "services",
+                &current.services,
+                &desired.services,
+            )?;
         }
         if !members_fit {
-            remove_stale(&mut self.members, "members", &current.members, &desired.members)?;
+            remove_stale(
+                &mut self.members,
+                "members",
+                &current.members,
+                &desired.members,
+            )?;
         }
         upsert(&mut self.routes, "routes", &current.routes, &desired.routes)?;
-        upsert(&mut self.services, "services", &current.services, &desired.services)?;
-        upsert(&mut self.members, "members", &current.members, &desired.members)?;
-        remove_stale(&mut self.members, "members", &current.members, &desired.members)?;
-        remove_stale(&mut self.services, "services", &current.services, &desired.services)?;
+        upsert(
+            &mut self.services,
+            "services",
+            &current.services,
+            &desired.services,
+        )?;
+        upsert(
+            &mut self.members,
+            "members",
+            &current.members,
+            &desired.members,
+        )?;
+        remove_stale(
+            &mut self.members,
+            "members",
+            &current.members,
+            &desired.members,
+        )?;
+        remove_stale(
+            &mut self.services,
+            "services",
+            &current.services,
+            &desired.services,
+        )?;
         remove_stale(&mut self.routes, "routes", &current.routes, &desired.routes)?;
         Ok(())
     }
@@ -366,7 +415,11 @@ mod tests {
                 Service {
                     name: name.to_owned(),
                     address: addr.parse().unwrap(),
-                    protocol: if name == "b" { Protocol::Udp } else { Protocol::Http },
+                    protocol: if name == "b" {
+                        Protocol::Udp
+                    } else {
+                        Protocol::Http
+                    },
                 },
             );
         }
@@ -409,12 +462,25 @@ mod tests {
     #[test]
     fn only_forked_services_get_entries() {
         let mut ids = Ids::default();
-        let state = encode(&desired(&[("k1", "a", "10.0.1.7:8080")]), &mut ids, &cookies());
+        let state = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080")]),
+            &mut ids,
+            &cookies(),
+        );
         assert_eq!(state.services.len(), 1);
-        let key = service_key("10.96.0.10:8080".parse().unwrap(), redirector_common::IPPROTO_TCP);
+        let key = service_key(
+            "10.96.0.10:8080".parse().unwrap(),
+            redirector_common::IPPROTO_TCP,
+        );
         let svc = state.services[&key];
-        assert_eq!(state.members[&100].sandbox_id, state.routes.keys().next().unwrap().sandbox_id);
-        assert_eq!(state.routes.keys().next().unwrap().service_id, svc.service_id);
+        assert_eq!(
+            state.members[&100].sandbox_id,
+            state.routes.keys().next().unwrap().sandbox_id
+        );
+        assert_eq!(
+            state.routes.keys().next().unwrap().service_id,
+            svc.service_id
+        );
     }
 
     #[test]

@@ -2,22 +2,28 @@
 //! fix it. The daemon runs them before it touches the kernel.
 use std::path::{Path, PathBuf};
 
-use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, FsType, statfs};
 
 /// `BPF_FS_MAGIC` from linux/magic.h (nix does not export it).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: FsType = FsType(0xcafe_4a11);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrereqError {
-    #[error("redirector must run as root (loading eBPF programs needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
+    #[error(
+        "redirector must run as root (loading eBPF programs needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+    )]
     NotRoot,
-    #[error("no cgroup2 filesystem is mounted (see /proc/mounts); mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`")]
+    #[error(
+        "no cgroup2 filesystem is mounted (see /proc/mounts); mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )]
     NoCgroup2,
     #[error("attach point {path} does not exist; create the cgroup or fix `daemon.cgroup`")]
     CgroupMissing { path: PathBuf },
     #[error("attach point {path} is not a cgroup v2 directory (cgroup2 is mounted at {mount})")]
     NotCgroup2 { path: PathBuf, mount: PathBuf },
-    #[error("refusing to attach to the root cgroup {path}: every process of the machine runs there; use a child cgroup (e.g. the pods' cgroup)")]
+    #[error(
+        "refusing to attach to the root cgroup {path}: every process of the machine runs there; use a child cgroup (e.g. the pods' cgroup)"
+    )]
     RootCgroup { path: PathBuf },
     #[error("no bpffs at {path}: mount one with `mount -t bpf bpf {path}` or fix `daemon.bpffs`")]
     NoBpffs { path: PathBuf },
@@ -80,7 +86,7 @@ pub fn check_bpffs(pin_dir: &Path) -> Result<(), PrereqError> {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     match statfs(existing) {
-        Ok(fs) if fs.filesystem_type().0 as i64 == BPF_FS_MAGIC => Ok(()),
+        Ok(fs) if fs.filesystem_type() == BPF_FS_MAGIC => Ok(()),
         _ => Err(PrereqError::NoBpffs {
             path: existing.to_owned(),
         }),

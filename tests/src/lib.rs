@@ -1,0 +1,17 @@
+//! End-to-end test harness for redirector: a simulated Kubernetes node built from network
+//! namespaces ([`Node`], [`Pod`]), supervised processes ([`Daemon`]), and the `rdr-peer` test
+//! peer binary driven through [`Pod::serve`], [`Pod::call`] and [`Pod::session`].
+//!
+//! Everything created carries the prefix `rdrt-<pid>-<n>` and is removed when the [`Node`] is
+//! dropped; leftovers of runs that died are swept by the next [`Node::new`].
+
+mod cleanup;
+mod prereq;
+mod proc;
+mod simnode;
+
+pub use prereq::{cgroup2_mount, ip_bin, require_e2e, workspace_bin};
+pub use proc::Daemon;
+pub use simnode::{
+    CallOpts, CallResult, NODE_GW_V4, NODE_GW_V6, Node, Pod, Proto, Reply, Server, Session, unmap,
+};

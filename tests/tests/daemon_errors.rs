@@ -1,0 +1,127 @@
+//! The daemon refuses bad placements and states with a clear error and leaves the machine as it
+//! found it (or, for a rejected reload, as it was running).
+mod support;
+
+use std::{fmt::Write as _, time::Duration};
+
+use support::{Cluster, FORK, VIP4, attached_programs, run_redirector};
+
+fn run_with(c: &Cluster, extra: &[&str]) -> (bool, String) {
+    c.write_config(&c.config_text(true));
+    let config = c.config.to_string_lossy().into_owned();
+    let mut args = vec!["run", "--config", &config];
+    args.extend_from_slice(extra);
+    run_redirector(&c.node, &args)
+}
+
+#[test]
+fn missing_attach_cgroup_is_named() {
+    let Some(c) = Cluster::new("err-cgroup") else {
+        return;
+    };
+    let missing = c.node.cgroup().join("no-such-pods");
+    let (ok, out) = run_with(&c, &["--cgroup", missing.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("no-such-pods") && out.contains("does not exist"),
+        "{out}"
+    );
+    assert!(!c.pin_dir().exists());
+}
+
+#[test]
+fn root_cgroup_is_refused() {
+    let Some(c) = Cluster::new("err-rootcg") else {
+        return;
+    };
+    let root = redirector_tests::cgroup2_mount().expect("cgroup2");
+    let (ok, out) = run_with(&c, &["--cgroup", root.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("refusing to attach to the root cgroup"),
+        "{out}"
+    );
+}
+
+#[test]
+fn pin_directory_outside_bpffs_is_refused() {
+    let Some(c) = Cluster::new("err-bpffs") else {
+        return;
+    };
+    let not_bpffs = c.node.dir().join("not-bpffs/redirector");
+    let (ok, out) = run_with(&c, &["--bpffs", not_bpffs.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("no bpffs at") && out.contains("mount -t bpf"),
+        "{out}"
+    );
+    assert!(attached_programs(c.node.cgroup()).is_empty());
+}
+
+#[test]
+fn missing_member_namespace_is_a_warning_not_a_failure() {
+    let Some(mut c) = Cluster::new("err-member") else {
+        return;
+    };
+    let text = c.config_text(true).replace(
+        "members = [\"",
+        "members = [\"/run/netns/rdr-gone-pod\", \"",
+    );
+    c.write_config(&text);
+    let daemon = c.start(&[]);
+    assert!(
+        daemon.logs().contains("member namespace not found"),
+        "{}",
+        daemon.logs()
+    );
+    assert_eq!(c.tcp(&c.member, VIP4), FORK, "the other member is steered");
+}
+
+/// More routes than the routes map holds: the reload is refused before anything is written.
+#[test]
+fn full_route_map_is_refused_and_the_running_state_stays() {
+    let Some(mut c) = Cluster::new("err-full") else {
+        return;
+    };
+    c.start(&["--poll-interval", "200ms"]);
+    let capacity = redirector_common_capacity();
+    // services x sandboxes > capacity
+    let services = 400;
+    let sandboxes = capacity / services + 1;
+    let mut text = c.config_text(true);
+    for s in 0..services {
+        let _ = write!(
+            text,
+            "\n[[service]]\nname = \"bulk-{s}\"\naddress = \"10.98.{}.{}:80\"\n",
+            s / 250,
+            s % 250 + 1
+        );
+    }
+    for b in 0..sandboxes {
+        let _ = write!(text, "\n[[sandbox]]\nkey = \"bulk-{b}\"\nroutes = [");
+        for s in 0..services {
+            let _ = write!(
+                text,
+                "{{ service = \"bulk-{s}\", fork = \"10.99.0.1:80\" }},"
+            );
+        }
+        text.push_str("]\n");
+    }
+    let mark = c.daemon().log_len();
+    c.write_config(&text);
+    c.daemon()
+        .wait_for_log_from(mark, "reload rejected", Duration::from_secs(60))
+        .expect("refused");
+    let logs = c.daemon().logs();
+    assert!(logs.contains("map routes is full"), "{logs}");
+    assert!(
+        logs.contains(&format!("the capacity is {capacity}")),
+        "{logs}"
+    );
+    assert_eq!(c.tcp(&c.member, VIP4), FORK, "running state unchanged");
+}
+
+/// Keep in sync with `redirector_common::map_sizes::ROUTES`.
+fn redirector_common_capacity() -> usize {
+    131_072
+}

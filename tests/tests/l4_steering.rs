@@ -1,0 +1,95 @@
+//! Kernel L4 steering on a simulated node: members reach the fork, everyone else the baseline,
+//! and the application always sees the address it dialed.
+mod support;
+
+use redirector_tests::CallOpts;
+use support::{BASELINE, Cluster, FORK, OTHER4, VIP4, VIP6, addr};
+
+#[test]
+fn member_reaches_the_fork_over_tcp_and_udp_v4_and_v6() {
+    let Some(mut c) = Cluster::new("l4-member") else {
+        return;
+    };
+    c.start(&[]);
+    assert_eq!(c.tcp(&c.member, VIP4), FORK, "tcp v4");
+    assert_eq!(c.tcp(&c.member, VIP6), FORK, "tcp v6");
+    assert_eq!(c.udp(&c.member, VIP4), FORK, "udp v4");
+    assert_eq!(c.udp(&c.member, VIP6), FORK, "udp v6");
+}
+
+#[test]
+fn v4_service_through_an_ipv6_socket_is_steered_and_hidden() {
+    let Some(mut c) = Cluster::new("l4-mapped") else {
+        return;
+    };
+    c.start(&[]);
+    {
+        let opts = CallOpts::new().v6_mapped();
+        let tcp = c
+            .member
+            .call(&c.node, redirector_tests::Proto::Tcp, addr(VIP4), &opts)
+            .expect("tcp");
+        assert_eq!(tcp.server, FORK);
+        assert_eq!(tcp.peer_unmapped(), addr(VIP4), "v4-mapped getpeername");
+        let udp = c
+            .member
+            .call(&c.node, redirector_tests::Proto::Udp, addr(VIP4), &opts)
+            .expect("udp");
+        assert_eq!(udp.server, FORK);
+        assert_eq!(udp.peer_unmapped(), addr(VIP4), "v4-mapped recvfrom source");
+    }
+    // A connected UDP socket is steered at connect() and its peer reads as the service.
+    let connected = c
+        .member
+        .call(
+            &c.node,
+            redirector_tests::Proto::Udp,
+            addr(VIP4),
+            &CallOpts::new().connected(),
+        )
+        .expect("connected udp");
+    assert_eq!(connected.server, FORK);
+    assert_eq!(connected.peer_unmapped(), addr(VIP4));
+}
+
+#[test]
+fn non_member_reaches_the_baseline() {
+    let Some(mut c) = Cluster::new("l4-outsider") else {
+        return;
+    };
+    c.start(&[]);
+    assert_eq!(c.tcp(&c.outsider, VIP4), BASELINE);
+    assert_eq!(c.tcp(&c.outsider, VIP6), BASELINE);
+    assert_eq!(c.udp(&c.outsider, VIP4), BASELINE);
+    assert_eq!(c.udp(&c.outsider, VIP6), BASELINE);
+}
+
+#[test]
+fn member_calling_a_service_without_a_route_reaches_the_baseline() {
+    let Some(mut c) = Cluster::new("l4-noroute") else {
+        return;
+    };
+    c.start(&[]);
+    assert_eq!(c.tcp(&c.member, OTHER4), BASELINE);
+    // Same port, other protocol than any route: untouched too.
+    let udp = c
+        .member
+        .call_udp(&c.node, addr(OTHER4), true)
+        .expect("udp to unforked service");
+    assert_eq!(udp.server, BASELINE);
+}
+
+#[test]
+fn process_outside_the_attach_cgroup_is_never_steered() {
+    let Some(mut c) = Cluster::new("l4-nocgroup") else {
+        return;
+    };
+    c.start(&[]);
+    // Same pod network namespace as the member, but not in the cgroup the programs attach to.
+    let tcp = c.member.call_tcp(&c.node, addr(VIP4), false).expect("tcp");
+    assert_eq!(tcp.server, BASELINE);
+    let udp = c.member.call_udp(&c.node, addr(VIP6), false).expect("udp");
+    assert_eq!(udp.server, BASELINE);
+    // And the member in the cgroup still is.
+    assert_eq!(c.tcp(&c.member, VIP4), FORK);
+}
