@@ -37,8 +37,8 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
     node.add_vip(vip4.ip(), &baseline)?;
     node.add_vip(vip6.ip(), &baseline)?;
     let _servers = [
-        baseline.serve(&node, "svc-a (baseline)", 8080)?,
-        fork.serve(&node, "svc-a fork of pr-123", 8080)?,
+        baseline.serve(&node, "svc-a-baseline", 8080)?,
+        fork.serve(&node, "svc-a-fork-pr-123", 8080)?,
     ];
     println!("  pods: frontend, tester-pr123 (member of sandbox pr-123), svc-a, svc-a-pr123");
     println!(
