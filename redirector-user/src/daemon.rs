@@ -15,8 +15,9 @@ use tracing::{error, info, warn};
 use crate::{
     config::{self, Config, DEFAULT_BPFFS},
     kernel::{
-        maps::{Ids, KernelState, MemberCookies, encode},
-        netns, prereq,
+        maps::{Ids, KernelState, MemberCookies, SyncError, encode},
+        netns::CookieCache,
+        prereq,
         programs::{self, Kernel},
     },
     state::DesiredState,
@@ -128,15 +129,13 @@ async fn watch(
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(opts.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = std::fs::read(&opts.config).ok();
+    let mut file = WatchedFile::new(&opts.config);
 
     loop {
         let reason = tokio::select! {
             _ = hangup.recv() => "SIGHUP",
             _ = tick.tick() => {
-                let now = std::fs::read(&opts.config).ok();
-                if now != last_seen {
-                    last_seen = now;
+                if file.changed() {
                     "file changed"
                 } else if sync.unresolved_members > 0 {
                     // A member pod's namespace may have appeared since; retry quietly.
@@ -153,11 +152,23 @@ async fn watch(
         };
         match reload(opts, placement, sync, reason) {
             Ok(config) => running = config,
-            Err(err) => {
+            Err(ReloadError::Rejected(err)) => {
                 error!(reason, error = %format!("{err:#}"), "reload rejected; running state unchanged")
+            }
+            Err(ReloadError::Partial(err)) => {
+                error!(reason, error = %format!("{err:#}"),
+                    "reload failed part way; the kernel holds a mix of old and new state, the next reload retries")
             }
         }
     }
+}
+
+/// Why a reload did not take effect.
+enum ReloadError {
+    /// Nothing was written: the file or the state it describes is invalid.
+    Rejected(anyhow::Error),
+    /// Writing the maps failed after it started.
+    Partial(anyhow::Error),
 }
 
 fn reload(
@@ -165,20 +176,24 @@ fn reload(
     placement: &Placement,
     sync: &mut Sync,
     reason: &str,
-) -> anyhow::Result<Config> {
-    let config = config::load(&opts.config)?;
+) -> Result<Config, ReloadError> {
+    let config = config::load(&opts.config).map_err(|e| ReloadError::Rejected(e.into()))?;
     let wanted = Placement::resolve(
         opts.cgroup.as_deref(),
         opts.bpffs.as_deref(),
         &config,
         &opts.config,
-    )?;
+    )
+    .map_err(ReloadError::Rejected)?;
     if &wanted != placement {
         warn!(
             "daemon.cgroup / daemon.bpffs changed; they take effect on restart, routes apply now"
         );
     }
-    let applied = sync.apply(&config.state)?;
+    let applied = sync.apply(&config.state).map_err(|err| match err {
+        err @ SyncError::MapFull { .. } => ReloadError::Rejected(err.into()),
+        err => ReloadError::Partial(err.into()),
+    })?;
     info!(
         reason,
         services = config.state.services.len(),
@@ -191,11 +206,55 @@ fn reload(
     Ok(config)
 }
 
+/// Notices when the config file's content changes. Cheap metadata is compared every poll; the
+/// file is read only when that moved, and a reload happens only when the bytes differ.
+struct WatchedFile {
+    path: PathBuf,
+    stamp: Option<(std::time::SystemTime, u64, u64)>,
+    content: Option<Vec<u8>>,
+}
+
+impl WatchedFile {
+    fn new(path: &Path) -> WatchedFile {
+        WatchedFile {
+            path: path.to_owned(),
+            stamp: Self::stamp(path),
+            content: std::fs::read(path).ok(),
+        }
+    }
+
+    /// (mtime, size, inode): an in-place write, a rename over the file, and a ConfigMap's
+    /// symlink swap all move it.
+    fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len(), meta.ino()))
+    }
+
+    fn changed(&mut self) -> bool {
+        let stamp = Self::stamp(&self.path);
+        if stamp == self.stamp {
+            return false;
+        }
+        self.stamp = stamp;
+        let content = std::fs::read(&self.path).ok();
+        if content == self.content {
+            return false;
+        }
+        self.content = content;
+        true
+    }
+}
+
 /// Keeps the maps in line with a desired state.
 struct Sync {
     kernel: Kernel,
     /// None until the first apply, which adopts ids from what the kernel already holds.
     ids: Option<Ids>,
+    /// What the maps hold, as last written by us; None when unknown (at start, or after a
+    /// write failed part way), in which case it is read back from the kernel.
+    written: Option<KernelState>,
+    cookies: CookieCache,
     unresolved_members: usize,
 }
 
@@ -209,13 +268,18 @@ impl Sync {
         Sync {
             kernel,
             ids: None,
+            written: None,
+            cookies: CookieCache::default(),
             unresolved_members: 0,
         }
     }
 
-    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<Applied> {
+    fn apply(&mut self, desired: &DesiredState) -> Result<Applied, SyncError> {
         let cookies = self.resolve_members(desired);
-        let current: KernelState = self.kernel.maps.read()?;
+        let current = match self.written.take() {
+            Some(state) => state,
+            None => self.kernel.maps.read()?,
+        };
         // Ids change only once the kernel has taken the new state: a rejected state must not
         // leave ids behind that the running one does not use.
         let mut ids = match &self.ids {
@@ -225,13 +289,20 @@ impl Sync {
         let encoded = encode(desired, &mut ids, &cookies);
         let changed = encoded != current;
         if changed {
-            self.kernel.maps.apply(&current, &encoded)?;
+            match self.kernel.maps.apply(&current, &encoded) {
+                Ok(()) => {}
+                Err(err @ SyncError::MapFull { .. }) => {
+                    // Refused before any write: the kernel still holds `current`.
+                    self.written = Some(current);
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            }
         }
         self.ids = Some(ids);
-        Ok(Applied {
-            members: encoded.members.len(),
-            changed,
-        })
+        let members = encoded.members.len();
+        self.written = Some(encoded);
+        Ok(Applied { members, changed })
     }
 
     fn resolve_members(&mut self, desired: &DesiredState) -> MemberCookies {
@@ -239,7 +310,7 @@ impl Sync {
         let mut unresolved = 0;
         for sandbox in desired.sandboxes.values() {
             for path in &sandbox.members {
-                match netns::cookie(path) {
+                match self.cookies.get(path) {
                     Ok(cookie) => {
                         cookies.insert(path.clone(), cookie);
                     }
@@ -256,6 +327,12 @@ impl Sync {
             }
         }
         self.unresolved_members = unresolved;
+        let wanted = desired
+            .sandboxes
+            .values()
+            .flat_map(|s| s.members.iter().map(PathBuf::as_path))
+            .collect();
+        self.cookies.retain_paths(&wanted);
         cookies
     }
 }

@@ -125,3 +125,25 @@ fn full_route_map_is_refused_and_the_running_state_stays() {
 fn redirector_common_capacity() -> usize {
     131_072
 }
+
+#[test]
+fn not_root_is_a_clear_error() {
+    let Some(c) = Cluster::new("err-notroot") else {
+        return;
+    };
+    c.write_config(&c.config_text(true));
+    // A copy nobody can execute wherever the build tree lives.
+    let binary = c.node.dir().join("redirector");
+    std::fs::copy(support::redirector(), &binary).expect("copy binary");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&binary)
+        .args(["run", "--config"])
+        .arg(&c.config)
+        .output()
+        .expect("setpriv (util-linux) runs the daemon as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("redirector must run as root"), "{stderr}");
+    assert!(attached_programs(c.node.cgroup()).is_empty());
+}

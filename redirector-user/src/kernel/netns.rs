@@ -1,5 +1,11 @@
 //! Network-namespace cookies: how the kernel programs recognise a member pod.
-use std::{fs::File, io, os::fd::AsRawFd as _, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
 
 use nix::sched::{CloneFlags, setns};
 
@@ -21,6 +27,34 @@ pub fn cookie(path: &Path) -> io::Result<u64> {
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("netns cookie thread panicked")))
     })
+}
+
+/// Cookies already read, so a reload with thousands of members does not enter every namespace
+/// again. Keyed by path *and* the namespace file's identity (device, inode): nsfs inode numbers
+/// are reused once a namespace dies, cookies never are, so the path guards against a new pod's
+/// namespace inheriting a dead one's cookie.
+#[derive(Debug, Default)]
+pub struct CookieCache {
+    known: HashMap<(PathBuf, u64, u64), u64>,
+}
+
+impl CookieCache {
+    pub fn get(&mut self, path: &Path) -> io::Result<u64> {
+        let meta = std::fs::metadata(path)?;
+        let id = (path.to_owned(), meta.dev(), meta.ino());
+        if let Some(cookie) = self.known.get(&id) {
+            return Ok(*cookie);
+        }
+        let value = cookie(path)?;
+        self.known.insert(id, value);
+        Ok(value)
+    }
+
+    /// Forgets every namespace whose path is not in `paths`.
+    pub fn retain_paths(&mut self, paths: &HashSet<&Path>) {
+        self.known
+            .retain(|(path, _, _), _| paths.contains(path.as_path()));
+    }
 }
 
 fn socket_netns_cookie(fd: i32) -> io::Result<u64> {
@@ -52,6 +86,15 @@ mod tests {
         let b = cookie(Path::new("/proc/thread-self/ns/net")).expect("cookie of own netns");
         assert_ne!(a, 0);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn cache_returns_the_same_cookie() {
+        let mut cache = CookieCache::default();
+        let path = Path::new("/proc/self/ns/net");
+        let first = cache.get(path).expect("cookie");
+        assert_eq!(cache.get(path).expect("cached"), first);
+        assert_eq!(first, cookie(path).expect("cookie"));
     }
 
     #[test]
