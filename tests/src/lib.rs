@@ -1,15 +1,18 @@
 //! End-to-end test harness for redirector: a simulated Kubernetes node built from network
 //! namespaces ([`Node`], [`Pod`]), supervised processes ([`Daemon`]), and the `rdr-peer` test
-//! peer binary driven through [`Pod::serve`], [`Pod::call`] and [`Pod::session`].
+//! peer binary driven through [`Pod::serve`], [`Pod::call`] and [`Pod::session`], and the
+//! `rdr-http` HTTP/1.1, h2c and gRPC peer driven through [`Pod::serve_http`] and [`Pod::http`].
 //!
 //! Everything created carries the prefix `rdrt-<pid>-<n>` and is removed when the [`Node`] is
 //! dropped; leftovers of runs that died are swept by the next [`Node::new`].
 
 mod cleanup;
+mod http;
 mod prereq;
 mod proc;
 mod simnode;
 
+pub use http::HttpReq;
 pub use prereq::{cgroup2_mount, ip_bin, require_e2e, workspace_bin};
 pub use proc::Daemon;
 pub use simnode::{

@@ -754,6 +754,14 @@ pub struct Server {
 }
 
 impl Server {
+    pub(crate) fn new(name: &str, pod: &str, proc: Supervised) -> Server {
+        Server {
+            name: name.to_owned(),
+            pod: pod.to_owned(),
+            proc,
+        }
+    }
+
     /// The name the server puts in its replies.
     pub fn name(&self) -> &str {
         &self.name
