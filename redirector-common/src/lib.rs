@@ -20,8 +20,13 @@ pub mod map_names {
     pub const ROUTES: &str = "RDR_ROUTES_v1";
     pub const REVNAT: &str = "RDR_REVNAT_v1";
     pub const STATS: &str = "RDR_STATS_v1";
+    pub const ROUTER: &str = "RDR_ROUTER_v1";
+    pub const HANDOFF: &str = "RDR_HANDOFF_v1";
+    pub const ORIG_DST: &str = "RDR_ORIGDST_v1";
 
-    pub const ALL: [&str; 5] = [SERVICES, MEMBERS, ROUTES, REVNAT, STATS];
+    pub const ALL: [&str; 8] = [
+        SERVICES, MEMBERS, ROUTES, REVNAT, STATS, ROUTER, HANDOFF, ORIG_DST,
+    ];
 }
 
 /// Capacities. The daemon reports "map full" against these before it writes anything.
@@ -31,6 +36,11 @@ pub mod map_sizes {
     pub const ROUTES: u32 = 131_072;
     /// LRU: one entry per steered socket and fork address; old entries age out.
     pub const REVNAT: u32 = 262_144;
+    /// LRU: connections handed to the node router whose source port is not known yet
+    /// (between `connect()` and the SYN); entries live microseconds.
+    pub const HANDOFF: u32 = 65_536;
+    /// LRU: handed-off connections the router has not accepted yet, by client address.
+    pub const ORIG_DST: u32 = 65_536;
 }
 
 /// Address family tags used in keys and values (not the kernel's AF_* numbers, which differ).
@@ -68,13 +78,17 @@ pub struct ServiceKey {
     pub protocol: u8,
 }
 
+/// `ServiceValue::flags`: an HTTP service with a fork. Connections from pods that are not
+/// steered at L4 go to the node router, which routes each request on its routing key.
+pub const SERVICE_HTTP_HANDOFF: u32 = 1;
+
 /// Value of `RDR_SERVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceValue {
     /// Small integer the daemon assigns to the service; routes are keyed by it.
     pub service_id: u32,
-    /// Reserved for per-service behaviour (the L7 hand-off); zero today.
+    /// `SERVICE_*` bits.
     pub flags: u32,
 }
 
@@ -105,6 +119,28 @@ pub struct RevNatKey {
     pub _pad: u32,
 }
 
+/// The single value of `RDR_ROUTER`: where the node router listens and whether it is alive.
+///
+/// The kernel hands connections to the router only while `heartbeat_ns` is recent (see
+/// [`ROUTER_STALE_NS`]): a daemon that stops, crashes or is killed stops refreshing it and new
+/// connections go straight to their destination again (fail open).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RouterConfig {
+    /// IPv4 listen address; `family == 0` when the router has none.
+    pub v4: SockAddr,
+    /// IPv6 listen address; `family == 0` when the router has none.
+    pub v6: SockAddr,
+    /// CLOCK_MONOTONIC time of the router's last heartbeat (`bpf_ktime_get_ns`).
+    pub heartbeat_ns: u64,
+    /// SO_MARK of the router's own upstream sockets: never handed off (no loops).
+    pub mark: u32,
+    pub _pad: u32,
+}
+
+/// A heartbeat older than this means the router is gone.
+pub const ROUTER_STALE_NS: u64 = 800_000_000;
+
 /// Slots of the per-CPU `RDR_STATS` array.
 pub mod stats {
     /// Destination is not a service: the fast path, one lookup and out.
@@ -117,14 +153,23 @@ pub mod stats {
     pub const REVERSE_HIT: u32 = 3;
     /// The reverse entry could not be recorded (should never happen: the map is LRU).
     pub const REVNAT_UPDATE_FAILED: u32 = 4;
+    /// Connection to an HTTP service handed to the node router.
+    pub const HANDOFF: u32 = 5;
+    /// Hand-off skipped because the router's heartbeat is stale (fail open).
+    pub const ROUTER_DOWN: u32 = 6;
+    /// The router's own upstream connection passed through untouched.
+    pub const ROUTER_OWN: u32 = 7;
 
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 8;
     pub const NAMES: [&str; COUNT as usize] = [
         "fast_path",
         "service_pass",
         "steered",
         "reverse_hit",
         "revnat_update_failed",
+        "handoff",
+        "router_down",
+        "router_own",
     ];
 }
 
@@ -136,6 +181,7 @@ const _: () = {
     assert!(core::mem::size_of::<MemberValue>() == 8);
     assert!(core::mem::size_of::<RouteKey>() == 8);
     assert!(core::mem::size_of::<RevNatKey>() == 32);
+    assert!(core::mem::size_of::<RouterConfig>() == 56);
 };
 
 #[cfg(feature = "user")]
@@ -150,4 +196,5 @@ mod pod {
     unsafe impl aya::Pod for MemberValue {}
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for RouterConfig {}
 }

@@ -67,6 +67,18 @@ pub(crate) fn protocol(ctx: &SockAddrContext) -> u8 {
     unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) as u8 }
 }
 
+/// SO_MARK of the socket. The node router marks its upstream sockets so they are never handed
+/// back to it.
+#[inline(always)]
+pub(crate) fn socket_mark(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: `sk` is a kernel-provided, non-null `struct bpf_sock *` for sock_addr programs
+    // (Linux 5.3+); `mark` is a readable 4-byte field.
+    unsafe {
+        let sk = read_volatile(addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk));
+        read_volatile(addr_of!((*sk).mark))
+    }
+}
+
 /// Identifies the pod: every socket created in one network namespace shares this cookie.
 #[inline(always)]
 pub(crate) fn netns_cookie(ctx: &SockAddrContext) -> u64 {

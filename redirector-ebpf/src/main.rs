@@ -13,6 +13,7 @@ mod getpeername;
 mod maps;
 mod recvmsg;
 mod sendmsg;
+mod sockops;
 mod xlate;
 
 /// `cgroup/sock_addr` verdict: let the syscall go on (with the possibly rewritten address).

@@ -3,10 +3,11 @@
 //! the daemon reads too.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use redirector_common::{
-    MemberValue, RevNatKey, RouteKey, ServiceKey, ServiceValue, SockAddr, map_sizes, stats,
+    MemberValue, RevNatKey, RouteKey, RouterConfig, ServiceKey, ServiceValue, SockAddr, map_sizes,
+    stats,
 };
 
 /// Destinations that have at least one fork. A miss here is the fast path.
@@ -26,6 +27,21 @@ pub(crate) static ROUTES: HashMap<RouteKey, SockAddr> = HashMap::pinned(map_size
 #[map(name = "RDR_REVNAT_v1")]
 pub(crate) static REVNAT: LruHashMap<RevNatKey, SockAddr> =
     LruHashMap::pinned(map_sizes::REVNAT, 0);
+
+/// Where the node router listens and whether it is alive; one entry, written by the daemon.
+#[map(name = "RDR_ROUTER_v1")]
+pub(crate) static ROUTER: Array<RouterConfig> = Array::pinned(1, 0);
+
+/// Socket cookie -> original destination of a connection handed to the router, until the
+/// sock_ops program learns its source port.
+#[map(name = "RDR_HANDOFF_v1")]
+pub(crate) static HANDOFF: LruHashMap<u64, SockAddr> = LruHashMap::pinned(map_sizes::HANDOFF, 0);
+
+/// Client address (as the router sees the peer) -> original destination. The router reads and
+/// deletes the entry when it accepts the connection.
+#[map(name = "RDR_ORIGDST_v1")]
+pub(crate) static ORIG_DST: LruHashMap<SockAddr, SockAddr> =
+    LruHashMap::pinned(map_sizes::ORIG_DST, 0);
 
 /// Per-CPU event counters, one slot per `redirector_common::stats` constant.
 #[map(name = "RDR_STATS_v1")]

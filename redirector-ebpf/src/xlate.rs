@@ -1,15 +1,19 @@
 //! The translations every hook shares.
 //!
-//! Forward (connect, sendmsg): service address -> fork endpoint, for sandbox members only.
-//! Reverse (getpeername, recvmsg): fork endpoint -> the service address the socket dialed.
+//! Forward (connect, sendmsg): service address -> a sandbox member's fork endpoint, or (TCP to
+//! an HTTP service with a fork) -> the node router.
+//! Reverse (getpeername, recvmsg): fork or router -> the service address the socket dialed.
 //! IPv6 sockets dialing a v4-mapped address go through the IPv4 tables, so an IPv4 service
 //! behaves the same whichever socket family reaches it.
-use aya_ebpf::programs::SockAddrContext;
-use redirector_common::{FAMILY_V4, FAMILY_V6, RevNatKey, RouteKey, ServiceKey, SockAddr, stats};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::SockAddrContext};
+use redirector_common::{
+    FAMILY_V4, FAMILY_V6, ROUTER_STALE_NS, RevNatKey, RouteKey, SERVICE_HTTP_HANDOFF, ServiceKey,
+    SockAddr, stats,
+};
 
 use crate::{
     ctx,
-    maps::{MEMBERS, REVNAT, ROUTES, SERVICES, count},
+    maps::{HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTES, SERVICES, count},
 };
 
 /// Third word of a v4-mapped IPv6 address (`::ffff:a.b.c.d`) as it sits in memory.
@@ -66,8 +70,9 @@ pub(crate) fn rev6(ctx: &SockAddrContext) {
     }
 }
 
-/// Decides whether this socket's destination must go to a fork, and if so records the reverse
-/// entry and returns the fork. `None` leaves the destination untouched.
+/// Decides where this socket's connection goes instead of `dialed`, if anywhere: a sandbox
+/// member's fork (L4), or the node router for an HTTP service (L7). Records the reverse entry
+/// so the application keeps seeing `dialed`. `None` leaves the destination untouched.
 #[inline(always)]
 fn steer(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
     let key = ServiceKey {
@@ -83,42 +88,85 @@ fn steer(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
     };
     // SAFETY: pointer from a successful lookup; values are plain data and entries are replaced,
     // never mutated in place, by the daemon.
-    let service_id = unsafe { (*service).service_id };
+    let service = unsafe { *service };
 
-    let Some(member) = MEMBERS.get_ptr(&ctx::netns_cookie(ctx)) else {
-        count(stats::SERVICE_PASS);
-        return None;
+    let target = match fork_of_member(ctx, service.service_id, dialed) {
+        Some(fork) => {
+            count(stats::STEERED);
+            fork
+        }
+        None if service.flags & SERVICE_HTTP_HANDOFF != 0 => handoff(ctx, dialed)?,
+        None => {
+            count(stats::SERVICE_PASS);
+            return None;
+        }
     };
-    // SAFETY: as above.
-    let sandbox_id = unsafe { (*member).sandbox_id };
 
+    let rev = RevNatKey {
+        socket_cookie: ctx::socket_cookie(ctx),
+        fork: target,
+        _pad: 0,
+    };
+    if REVNAT.insert(&rev, dialed, 0).is_err() {
+        // Still redirect: the connection works, only getpeername shows the real peer.
+        count(stats::REVNAT_UPDATE_FAILED);
+    }
+    Some(target)
+}
+
+/// The fork this socket's pod must reach instead of the service, if the pod is a sandbox
+/// member and its sandbox forks the service.
+#[inline(always)]
+fn fork_of_member(ctx: &SockAddrContext, service_id: u32, dialed: &SockAddr) -> Option<SockAddr> {
+    let member = MEMBERS.get_ptr(&ctx::netns_cookie(ctx))?;
+    // SAFETY: pointer from a successful lookup, read at once.
+    let sandbox_id = unsafe { (*member).sandbox_id };
     let route = RouteKey {
         service_id,
         sandbox_id,
     };
-    let Some(fork) = ROUTES.get_ptr(&route) else {
-        count(stats::SERVICE_PASS);
-        return None;
-    };
+    let fork = ROUTES.get_ptr(&route)?;
     // SAFETY: as above; copied out before the map can change under us.
     let fork = unsafe { *fork };
-    if fork.family != dialed.family {
-        // Cannot happen with a daemon-validated state; never rewrite across families.
+    // Cannot differ with a daemon-validated state; never rewrite across families.
+    (fork.family == dialed.family).then_some(fork)
+}
+
+/// Hands the connection to the node router if it is alive, recording the original destination
+/// for it. `None` (router down, or this is the router's own upstream socket) leaves the
+/// connection on its way to `dialed`: fail open.
+#[inline(always)]
+fn handoff(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
+    let router = ROUTER.get_ptr(0)?;
+    // SAFETY: array slot 0 always exists; copied out at once.
+    let router = unsafe { *router };
+    if ctx::socket_mark(ctx) == router.mark && router.mark != 0 {
+        count(stats::ROUTER_OWN);
+        return None;
+    }
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(router.heartbeat_ns) > ROUTER_STALE_NS {
+        count(stats::ROUTER_DOWN);
+        return None;
+    }
+    let target = if dialed.family == FAMILY_V4 {
+        router.v4
+    } else {
+        router.v6
+    };
+    if target.family != dialed.family {
+        // The router does not listen on this family: no per-request routing, stay direct.
         count(stats::SERVICE_PASS);
         return None;
     }
-
-    let rev = RevNatKey {
-        socket_cookie: ctx::socket_cookie(ctx),
-        fork,
-        _pad: 0,
-    };
-    if REVNAT.insert(&rev, dialed, 0).is_err() {
-        // Still steer: the connection works, only getpeername shows the fork.
-        count(stats::REVNAT_UPDATE_FAILED);
+    if HANDOFF.insert(&ctx::socket_cookie(ctx), dialed, 0).is_err() {
+        // Without the record the router could not know where to forward: stay direct.
+        count(stats::SERVICE_PASS);
+        return None;
     }
-    count(stats::STEERED);
-    Some(fork)
+    count(stats::HANDOFF);
+    Some(target)
 }
 
 /// The service address this socket dialed, if `peer` is a fork it was steered to.
@@ -136,7 +184,7 @@ fn dialed_service(ctx: &SockAddrContext, peer: SockAddr) -> Option<SockAddr> {
 }
 
 #[inline(always)]
-fn from_ip6(words: [u32; 4], port: u16) -> SockAddr {
+pub(crate) fn from_ip6(words: [u32; 4], port: u16) -> SockAddr {
     if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
         SockAddr {
             addr: [words[3], 0, 0, 0],

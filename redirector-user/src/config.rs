@@ -9,6 +9,7 @@ use std::{
     net::SocketAddr,
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -16,10 +17,12 @@ use toml::Spanned;
 
 use crate::{
     routing_key,
-    state::{DesiredState, Protocol, Sandbox, Service},
+    state::{DesiredState, ForkErrorPolicy, Protocol, Route, Sandbox, Service},
 };
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/redirector";
+
+pub const DEFAULT_KEY_NAME: &str = "sd-routing-key";
 
 /// Daemon settings from the `[daemon]` table; command-line flags override them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,9 +33,51 @@ pub struct DaemonSettings {
     pub bpffs: Option<PathBuf>,
 }
 
+/// Node router settings: `[daemon] router_listen` and the `[router]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterSettings {
+    /// At most one address per IP family; empty: no router, HTTP services get L4 steering only.
+    pub listen: Vec<SocketAddr>,
+    /// Routing-key name looked for in the carriers (`baggage`, `tracestate`, `uberctx-*`,
+    /// `ot-baggage-*`).
+    pub key_name: String,
+    /// Further headers whose whole value is the routing key, checked after the standard ones.
+    pub extra_key_headers: Vec<http::HeaderName>,
+    /// Response header naming the upstream that served the request (off when None).
+    pub upstream_header: Option<http::HeaderName>,
+    pub connect_timeout: Duration,
+    /// From sending a request upstream to its response headers.
+    pub request_timeout: Duration,
+    /// How long an unused upstream connection stays pooled.
+    pub idle_timeout: Duration,
+    /// How long a client may take to send a request's headers (slow-drip guard). HTTP/1.1
+    /// counts the wait for the next request on an idle keep-alive connection too, so this is
+    /// also the idle timeout of client connections.
+    pub header_read_timeout: Duration,
+    /// Largest accepted request header block.
+    pub max_header_bytes: usize,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        RouterSettings {
+            listen: Vec::new(),
+            key_name: DEFAULT_KEY_NAME.to_owned(),
+            extra_key_headers: Vec::new(),
+            upstream_header: None,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub daemon: DaemonSettings,
+    pub router: RouterSettings,
     pub state: DesiredState,
 }
 
@@ -112,6 +157,8 @@ struct RawConfig {
     #[serde(default)]
     daemon: RawDaemon,
     #[serde(default)]
+    router: RawRouter,
+    #[serde(default)]
     service: Vec<RawService>,
     #[serde(default)]
     sandbox: Vec<RawSandbox>,
@@ -122,6 +169,22 @@ struct RawConfig {
 struct RawDaemon {
     cgroup: Option<PathBuf>,
     bpffs: Option<PathBuf>,
+    /// One address or a list (untagged enums lose spans in toml, hence the raw value).
+    router_listen: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRouter {
+    key_name: Option<Spanned<String>>,
+    #[serde(default)]
+    extra_key_headers: Vec<Spanned<String>>,
+    upstream_header: Option<Spanned<String>>,
+    connect_timeout_ms: Option<Spanned<u64>>,
+    request_timeout_ms: Option<Spanned<u64>>,
+    idle_timeout_ms: Option<Spanned<u64>>,
+    header_read_timeout_ms: Option<Spanned<u64>>,
+    max_header_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +210,8 @@ struct RawSandbox {
 struct RawRoute {
     service: Spanned<String>,
     fork: Spanned<String>,
+    #[serde(default)]
+    on_fork_error: ForkErrorPolicy,
 }
 
 // === validation ===
@@ -170,12 +235,14 @@ pub fn parse(text: &str) -> Result<Config, Vec<FieldError>> {
         errors: Vec::new(),
     };
     let state = v.state(raw.service, raw.sandbox);
+    let router = v.router(raw.daemon.router_listen, raw.router);
     if v.errors.is_empty() {
         Ok(Config {
             daemon: DaemonSettings {
                 cgroup: raw.daemon.cgroup,
                 bpffs: raw.daemon.bpffs,
             },
+            router,
             state,
         })
     } else {
@@ -310,7 +377,13 @@ impl Validator<'_> {
                             ),
                         );
                     }
-                    routes.insert(service_name.clone(), fork);
+                    routes.insert(
+                        service_name.clone(),
+                        Route {
+                            fork,
+                            on_fork_error: route.on_fork_error,
+                        },
+                    );
                 }
             }
 
@@ -321,6 +394,134 @@ impl Validator<'_> {
             });
         }
         state
+    }
+
+    fn router(&mut self, listen: Option<Spanned<toml::Value>>, raw: RawRouter) -> RouterSettings {
+        let mut settings = RouterSettings::default();
+        let listen: Vec<Spanned<String>> = match listen {
+            None => Vec::new(),
+            Some(value) => {
+                let span = value.span();
+                let strings = match value.get_ref() {
+                    toml::Value::String(one) => Some(vec![one.clone()]),
+                    toml::Value::Array(many) => many
+                        .iter()
+                        .map(|v| v.as_str().map(str::to_owned))
+                        .collect::<Option<Vec<_>>>(),
+                    _ => None,
+                };
+                match strings {
+                    Some(strings) => strings
+                        .into_iter()
+                        .map(|s| Spanned::new(span.clone(), s))
+                        .collect(),
+                    None => {
+                        self.error(
+                            span,
+                            "daemon.router_listen".to_owned(),
+                            "must be an \"ADDR:PORT\" string or a list of them",
+                        );
+                        Vec::new()
+                    }
+                }
+            }
+        };
+        for (i, addr) in listen.iter().enumerate() {
+            let field = format!("daemon.router_listen[{i}]");
+            let Some(parsed) = self.socket_addr(addr, field.clone()) else {
+                continue;
+            };
+            if settings
+                .listen
+                .iter()
+                .any(|other| other.is_ipv4() == parsed.is_ipv4())
+            {
+                self.error(addr.span(), field, "at most one address per IP family");
+                continue;
+            }
+            settings.listen.push(parsed);
+        }
+
+        if let Some(name) = raw.key_name {
+            let valid = !name.get_ref().is_empty()
+                && http::HeaderName::from_bytes(format!("uberctx-{}", name.get_ref()).as_bytes())
+                    .is_ok()
+                && !name.get_ref().contains([',', ';', '=']);
+            if valid {
+                settings.key_name = name.get_ref().clone();
+            } else {
+                self.error(
+                    name.span(),
+                    "router.key_name".to_owned(),
+                    format!(
+                        "{:?} is not usable as a header-name suffix and baggage key",
+                        name.get_ref()
+                    ),
+                );
+            }
+        }
+        for (i, header) in raw.extra_key_headers.iter().enumerate() {
+            match http::HeaderName::from_bytes(header.get_ref().as_bytes()) {
+                Ok(name) => settings.extra_key_headers.push(name),
+                Err(_) => self.error(
+                    header.span(),
+                    format!("router.extra_key_headers[{i}]"),
+                    format!("{:?} is not a valid header name", header.get_ref()),
+                ),
+            }
+        }
+        if let Some(header) = raw.upstream_header {
+            match http::HeaderName::from_bytes(header.get_ref().as_bytes()) {
+                Ok(name) => settings.upstream_header = Some(name),
+                Err(_) => self.error(
+                    header.span(),
+                    "router.upstream_header".to_owned(),
+                    format!("{:?} is not a valid header name", header.get_ref()),
+                ),
+            }
+        }
+        for (raw, field, slot) in [
+            (
+                raw.connect_timeout_ms,
+                "router.connect_timeout_ms",
+                &mut settings.connect_timeout,
+            ),
+            (
+                raw.request_timeout_ms,
+                "router.request_timeout_ms",
+                &mut settings.request_timeout,
+            ),
+            (
+                raw.idle_timeout_ms,
+                "router.idle_timeout_ms",
+                &mut settings.idle_timeout,
+            ),
+            (
+                raw.header_read_timeout_ms,
+                "router.header_read_timeout_ms",
+                &mut settings.header_read_timeout,
+            ),
+        ] {
+            let Some(ms) = raw else { continue };
+            if *ms.get_ref() == 0 || *ms.get_ref() > 24 * 3600 * 1000 {
+                self.error(ms.span(), field.to_owned(), "must be between 1 ms and 24 h");
+            } else {
+                *slot = Duration::from_millis(*ms.get_ref());
+            }
+        }
+        if let Some(bytes) = raw.max_header_bytes {
+            // hyper cannot read HTTP/1 heads with a buffer smaller than 8 KiB.
+            if !(8192..=1024 * 1024).contains(bytes.get_ref()) {
+                self.error(
+                    bytes.span(),
+                    "router.max_header_bytes".to_owned(),
+                    "must be between 8192 and 1048576",
+                );
+            } else {
+                settings.max_header_bytes = *bytes.get_ref() as usize;
+            }
+        }
+        settings
     }
 
     fn socket_addr(&mut self, raw: &Spanned<String>, field: String) -> Option<SocketAddr> {
@@ -409,8 +610,88 @@ routes = [
         assert_eq!(config.state.services["svc-a"].protocol, Protocol::Http);
         let sandbox = &config.state.sandboxes["pr-123"];
         assert_eq!(sandbox.members, [PathBuf::from("/run/netns/pod-a-fork")]);
-        assert_eq!(sandbox.routes["svc-a"], "10.0.1.7:8080".parse().unwrap());
+        assert_eq!(
+            sandbox.routes["svc-a"].fork,
+            "10.0.1.7:8080".parse().unwrap()
+        );
+        assert_eq!(
+            sandbox.routes["svc-a"].on_fork_error,
+            ForkErrorPolicy::Error
+        );
         assert_eq!(config.state.route_count(), 2);
+    }
+
+    #[test]
+    fn router_settings_parse_with_defaults() {
+        let config = parse(
+            r#"
+[daemon]
+router_listen = ["10.200.0.1:15001", "[fd00:200::1]:15001"]
+
+[router]
+key_name = "My-Key"
+extra_key_headers = ["x-sandbox"]
+upstream_header = "x-redirector-upstream"
+connect_timeout_ms = 500
+"#,
+        )
+        .expect("valid");
+        let router = config.router;
+        assert_eq!(router.listen.len(), 2);
+        assert_eq!(router.key_name, "My-Key");
+        assert_eq!(router.extra_key_headers[0], "x-sandbox");
+        assert_eq!(router.upstream_header.unwrap(), "x-redirector-upstream");
+        assert_eq!(router.connect_timeout, Duration::from_millis(500));
+        assert_eq!(
+            router.request_timeout,
+            RouterSettings::default().request_timeout
+        );
+
+        let single = parse("[daemon]\nrouter_listen = \"10.200.0.1:15001\"\n").expect("valid");
+        assert_eq!(single.router.listen, ["10.200.0.1:15001".parse().unwrap()]);
+        assert_eq!(parse("").unwrap().router, RouterSettings::default());
+    }
+
+    #[test]
+    fn bad_router_settings_are_located() {
+        let errs = errors(
+            r#"[daemon]
+router_listen = ["10.0.0.1:1", "10.0.0.2:2", "0.0.0.0:3"]
+[router]
+key_name = "a b"
+extra_key_headers = ["bad header"]
+connect_timeout_ms = 0
+max_header_bytes = 10
+"#,
+        );
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "daemon.router_listen[1]",
+                "daemon.router_listen[2]",
+                "router.key_name",
+                "router.extra_key_headers[0]",
+                "router.connect_timeout_ms",
+                "router.max_header_bytes",
+            ],
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn fork_error_policy_parses() {
+        let text = GOOD.replace(
+            "{ service = \"svc-a\", fork = \"10.0.1.7:8080\" }",
+            "{ service = \"svc-a\", fork = \"10.0.1.7:8080\", on_fork_error = \"baseline\" }",
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(
+            config.state.sandboxes["pr-123"].routes["svc-a"].on_fork_error,
+            ForkErrorPolicy::Baseline
+        );
+        let bad = text.replace("\"baseline\" }", "\"retry\" }");
+        assert_eq!(errors(&bad).len(), 1);
     }
 
     #[test]

@@ -4,23 +4,28 @@
 //! config, then keeps them matching: on SIGHUP and whenever the file's content changes. A file
 //! that fails validation is rejected whole and the running state stays as it was.
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
+
+use arc_swap::ArcSwap;
 
 use anyhow::{Context as _, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{self, Config, DEFAULT_BPFFS},
+    config::{self, Config, DEFAULT_BPFFS, RouterSettings},
     kernel::{
-        maps::{Ids, KernelState, MemberCookies, SyncError, encode},
+        maps::{Handoff, Ids, KernelState, MemberCookies, SyncError, encode},
         netns::CookieCache,
         prereq,
         programs::{self, Kernel},
     },
-    state::DesiredState,
+    router::{RouteTable, Router},
+    state::{DesiredState, Protocol},
 };
 
 #[derive(Debug, Clone)]
@@ -88,7 +93,36 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!(pins = %stale.display(), "detached programs of a cgroup no longer configured");
     }
 
-    let mut sync = Sync::new(kernel);
+    let mut kernel = kernel;
+    let table = Arc::new(ArcSwap::from_pointee(RouteTable::from_state(&config.state)));
+    let router = match (
+        config.router.listen.is_empty(),
+        kernel.orig_dst.take(),
+        kernel.router.take(),
+    ) {
+        (false, Some(orig_dst), Some(router_map)) => Some(
+            Router::start(&config.router, table.clone(), orig_dst, router_map)
+                .await
+                .context("starting the node router")?,
+        ),
+        _ => {
+            if config
+                .state
+                .services
+                .values()
+                .any(|s| s.protocol == Protocol::Http)
+            {
+                info!("no daemon.router_listen: HTTP services get L4 steering only");
+            }
+            None
+        }
+    };
+    let handoff = Handoff {
+        v4: router.is_some() && config.router.listen.iter().any(SocketAddr::is_ipv4),
+        v6: router.is_some() && config.router.listen.iter().any(SocketAddr::is_ipv6),
+    };
+
+    let mut sync = Sync::new(kernel, table, handoff);
     let applied = sync.apply(&config.state).context("applying the config")?;
     info!(
         config = %opts.config.display(),
@@ -100,6 +134,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
 
     let result = watch(&opts, &placement, config, &mut sync).await;
+    if let Some(router) = router {
+        info!(counters = ?router.stats.snapshot(), "node router counters");
+        router.shutdown().await;
+    }
     match sync.kernel.maps.counters() {
         Ok(counters) => info!(?counters, "kernel counters (all CPUs, since load)"),
         Err(err) => warn!(error = %err, "cannot read kernel counters"),
@@ -150,7 +188,7 @@ async fn watch(
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),
         };
-        match reload(opts, placement, sync, reason) {
+        match reload(opts, placement, &running.router, sync, reason) {
             Ok(config) => running = config,
             Err(ReloadError::Rejected(err)) => {
                 error!(reason, error = %format!("{err:#}"), "reload rejected; running state unchanged")
@@ -174,6 +212,7 @@ enum ReloadError {
 fn reload(
     opts: &RunOptions,
     placement: &Placement,
+    running_router: &RouterSettings,
     sync: &mut Sync,
     reason: &str,
 ) -> Result<Config, ReloadError> {
@@ -185,9 +224,10 @@ fn reload(
         &opts.config,
     )
     .map_err(ReloadError::Rejected)?;
-    if &wanted != placement {
+    if &wanted != placement || config.router != *running_router {
         warn!(
-            "daemon.cgroup / daemon.bpffs changed; they take effect on restart, routes apply now"
+            "daemon.cgroup, daemon.bpffs, daemon.router_listen and [router] take effect on \
+             restart; sandboxes and routes apply now"
         );
     }
     let applied = sync.apply(&config.state).map_err(|err| match err {
@@ -249,6 +289,9 @@ impl WatchedFile {
 /// Keeps the maps in line with a desired state.
 struct Sync {
     kernel: Kernel,
+    /// The node router's view of the routes, swapped after each successful apply.
+    table: Arc<ArcSwap<RouteTable>>,
+    handoff: Handoff,
     /// None until the first apply, which adopts ids from what the kernel already holds.
     ids: Option<Ids>,
     /// What the maps hold, as last written by us; None when unknown (at start, or after a
@@ -264,9 +307,11 @@ struct Applied {
 }
 
 impl Sync {
-    fn new(kernel: Kernel) -> Sync {
+    fn new(kernel: Kernel, table: Arc<ArcSwap<RouteTable>>, handoff: Handoff) -> Sync {
         Sync {
             kernel,
+            table,
+            handoff,
             ids: None,
             written: None,
             cookies: CookieCache::default(),
@@ -286,7 +331,7 @@ impl Sync {
             Some(ids) => ids.clone(),
             None => Ids::adopt(&current, desired, &cookies),
         };
-        let encoded = encode(desired, &mut ids, &cookies);
+        let encoded = encode(desired, &mut ids, &cookies, self.handoff);
         let changed = encoded != current;
         if changed {
             match self.kernel.maps.apply(&current, &encoded) {
@@ -300,6 +345,7 @@ impl Sync {
             }
         }
         self.ids = Some(ids);
+        self.table.store(Arc::new(RouteTable::from_state(desired)));
         let members = encoded.members.len();
         self.written = Some(encoded);
         Ok(Applied { members, changed })

@@ -5,6 +5,7 @@ mod cli;
 mod config;
 mod daemon;
 mod kernel;
+mod router;
 mod routing_key;
 mod state;
 

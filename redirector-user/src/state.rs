@@ -31,13 +31,30 @@ pub struct Service {
     pub protocol: Protocol,
 }
 
+/// What the node router does when a request's fork cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForkErrorPolicy {
+    /// Answer 502 with a header naming the cause: a tester sees their fork is down.
+    #[default]
+    Error,
+    /// Send the request to the baseline instead.
+    Baseline,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub fork: SocketAddr,
+    pub on_fork_error: ForkErrorPolicy,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sandbox {
     pub key: String,
     /// Network-namespace paths of the pods that belong to the sandbox.
     pub members: Vec<PathBuf>,
-    /// Service name -> fork endpoint.
-    pub routes: BTreeMap<String, SocketAddr>,
+    /// By service name.
+    pub routes: BTreeMap<String, Route>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

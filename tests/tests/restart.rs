@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use support::{BASELINE, Cluster, FORK, VIP4, VIP6, attached_programs, run_redirector};
 
-const HOOKS: usize = 8;
+const HOOKS: usize = 9;
 
 #[test]
 fn kill_9_keeps_steering_and_a_restart_adopts_without_duplicates() {

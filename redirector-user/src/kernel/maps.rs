@@ -15,11 +15,11 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
 };
 use redirector_common::{
-    FAMILY_V4, FAMILY_V6, MemberValue, RouteKey, ServiceKey, ServiceValue, SockAddr, map_sizes,
-    stats,
+    FAMILY_V4, FAMILY_V6, MemberValue, RouteKey, SERVICE_HTTP_HANDOFF, ServiceKey, ServiceValue,
+    SockAddr, map_sizes, stats,
 };
 
-use crate::state::DesiredState;
+use crate::state::{DesiredState, Protocol};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -58,6 +58,22 @@ pub fn sock_addr(addr: SocketAddr) -> SockAddr {
                 _pad: 0,
             }
         }
+    }
+}
+
+/// The inverse of [`sock_addr`]; None for an unset (zero-family) address.
+pub fn socket_addr(addr: &SockAddr) -> Option<SocketAddr> {
+    let port = u16::from_be(addr.port);
+    match addr.family {
+        FAMILY_V4 => Some(SocketAddr::from((addr.addr[0].to_ne_bytes(), port))),
+        FAMILY_V6 => {
+            let mut octets = [0u8; 16];
+            for (i, word) in addr.addr.iter().enumerate() {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            Some(SocketAddr::from((octets, port)))
+        }
+        _ => None,
     }
 }
 
@@ -165,9 +181,22 @@ impl Ids {
 /// kernel; encoding stays pure).
 pub type MemberCookies = HashMap<PathBuf, u64>;
 
+/// IP families on which the node router listens: HTTP services of those families are handed to
+/// it, the others get L4 steering only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Handoff {
+    pub v4: bool,
+    pub v6: bool,
+}
+
 /// Encodes `desired` as map entries. Members whose cookie is unknown (their namespace is gone)
 /// are left out; the caller has already warned about them.
-pub fn encode(desired: &DesiredState, ids: &mut Ids, cookies: &MemberCookies) -> KernelState {
+pub fn encode(
+    desired: &DesiredState,
+    ids: &mut Ids,
+    cookies: &MemberCookies,
+    handoff: Handoff,
+) -> KernelState {
     let mut state = KernelState::default();
     // Only services that have a fork need an entry: everything else stays on the fast path.
     for service in desired.services.values() {
@@ -180,13 +209,18 @@ pub fn encode(desired: &DesiredState, ids: &mut Ids, cookies: &MemberCookies) ->
         }
         let key = service_key(service.address, service.protocol.ip_protocol());
         let service_id = ids.service(key);
-        state.services.insert(
-            key,
-            ServiceValue {
-                service_id,
-                flags: 0,
-            },
-        );
+        let routed = match key.family {
+            FAMILY_V4 => handoff.v4,
+            _ => handoff.v6,
+        };
+        let flags = if service.protocol == Protocol::Http && routed {
+            SERVICE_HTTP_HANDOFF
+        } else {
+            0
+        };
+        state
+            .services
+            .insert(key, ServiceValue { service_id, flags });
     }
     for sandbox in desired.sandboxes.values() {
         let sandbox_id = ids.sandbox(&sandbox.key);
@@ -201,7 +235,7 @@ pub fn encode(desired: &DesiredState, ids: &mut Ids, cookies: &MemberCookies) ->
                 );
             }
         }
-        for (service_name, fork) in &sandbox.routes {
+        for (service_name, route) in &sandbox.routes {
             let Some(service) = desired.services.get(service_name) else {
                 continue;
             };
@@ -212,7 +246,7 @@ pub fn encode(desired: &DesiredState, ids: &mut Ids, cookies: &MemberCookies) ->
                     service_id,
                     sandbox_id,
                 },
-                sock_addr(*fork),
+                sock_addr(route.fork),
             );
         }
     }
@@ -405,7 +439,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::state::{Protocol, Sandbox, Service};
+    use crate::state::{Route, Sandbox, Service};
 
     fn desired(routes: &[(&str, &str, &str)]) -> DesiredState {
         let mut state = DesiredState::default();
@@ -432,9 +466,13 @@ mod tests {
                     members: vec![PathBuf::from(format!("/run/netns/{key}"))],
                     routes: BTreeMap::new(),
                 });
-            sandbox
-                .routes
-                .insert(service.to_string(), fork.parse().unwrap());
+            sandbox.routes.insert(
+                service.to_string(),
+                Route {
+                    fork: fork.parse().unwrap(),
+                    on_fork_error: Default::default(),
+                },
+            );
         }
         state
     }
@@ -460,12 +498,50 @@ mod tests {
     }
 
     #[test]
+    fn socket_addr_inverts_sock_addr() {
+        for text in ["10.1.2.3:8080", "[fd00::1]:53"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(socket_addr(&sock_addr(addr)), Some(addr));
+        }
+        assert_eq!(socket_addr(&SockAddr::default()), None);
+    }
+
+    #[test]
+    fn http_services_are_handed_off_only_where_the_router_listens() {
+        let want = desired(&[("k1", "a", "10.0.1.7:8080"), ("k1", "b", "[fd00::7]:53")]);
+        let flags = |handoff| {
+            let state = encode(&want, &mut Ids::default(), &cookies(), handoff);
+            let mut flags: Vec<(u8, u32)> = state
+                .services
+                .iter()
+                .map(|(k, v)| (k.family, v.flags))
+                .collect();
+            flags.sort();
+            flags
+        };
+        // "a" is HTTP over IPv4, "b" is UDP over IPv6: only "a" can be handed off.
+        assert_eq!(flags(Handoff::default()), [(FAMILY_V4, 0), (FAMILY_V6, 0)]);
+        assert_eq!(
+            flags(Handoff { v4: true, v6: true }),
+            [(FAMILY_V4, SERVICE_HTTP_HANDOFF), (FAMILY_V6, 0)]
+        );
+        assert_eq!(
+            flags(Handoff {
+                v4: false,
+                v6: true
+            }),
+            [(FAMILY_V4, 0), (FAMILY_V6, 0)]
+        );
+    }
+
+    #[test]
     fn only_forked_services_get_entries() {
         let mut ids = Ids::default();
         let state = encode(
             &desired(&[("k1", "a", "10.0.1.7:8080")]),
             &mut ids,
             &cookies(),
+            Handoff::default(),
         );
         assert_eq!(state.services.len(), 1);
         let key = service_key(
@@ -487,11 +563,26 @@ mod tests {
     fn ids_are_stable_across_reencoding_and_never_reused() {
         let mut ids = Ids::default();
         let c = cookies();
-        let first = encode(&desired(&[("k1", "a", "10.0.1.7:8080")]), &mut ids, &c);
-        let again = encode(&desired(&[("k1", "a", "10.0.1.7:8080")]), &mut ids, &c);
+        let first = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
+        let again = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
         assert_eq!(first, again);
         // k1 goes, k2 comes in the same apply: k2 must not get k1's id.
-        let swapped = encode(&desired(&[("k2", "a", "10.0.1.8:8080")]), &mut ids, &c);
+        let swapped = encode(
+            &desired(&[("k2", "a", "10.0.1.8:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
         assert_ne!(
             swapped.members[&200].sandbox_id,
             first.members[&100].sandbox_id
@@ -502,10 +593,10 @@ mod tests {
     fn adopted_ids_reproduce_the_kernel_state() {
         let c = cookies();
         let want = desired(&[("k1", "a", "10.0.1.7:8080"), ("k2", "b", "[fd00::7]:53")]);
-        let current = encode(&want, &mut Ids::default(), &c);
+        let current = encode(&want, &mut Ids::default(), &c, Handoff::default());
         // A restarted daemon adopts the ids: re-encoding changes nothing.
         let mut ids = Ids::adopt(&current, &want, &c);
-        assert_eq!(encode(&want, &mut ids, &c), current);
+        assert_eq!(encode(&want, &mut ids, &c, Handoff::default()), current);
     }
 
     #[test]
@@ -515,6 +606,7 @@ mod tests {
             &desired(&[("k1", "a", "10.0.1.7:8080")]),
             &mut ids,
             &MemberCookies::new(),
+            Handoff::default(),
         );
         assert!(state.members.is_empty());
         assert_eq!(state.routes.len(), 1);

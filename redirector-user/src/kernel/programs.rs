@@ -21,18 +21,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use redirector_common::map_names;
+use redirector_common::{RouterConfig, SockAddr, map_names};
 
 use super::maps::Maps;
 
 /// The hooks, by program name (the function names in redirector-ebpf).
-pub const HOOKS: [&str; 8] = [
+pub const HOOKS: [&str; 9] = [
     "connect4",
     "connect6",
     "sendmsg4",
@@ -41,7 +41,11 @@ pub const HOOKS: [&str; 8] = [
     "recvmsg6",
     "getpeername4",
     "getpeername6",
+    SOCK_OPS,
 ];
+
+/// The sock_ops program that completes hand-off records (see redirector-ebpf/src/sockops.rs).
+const SOCK_OPS: &str = "handoff_sockops";
 
 const LINKS_DIR: &str = "links";
 
@@ -106,6 +110,11 @@ pub struct AttachReport {
 /// runs.
 pub struct Kernel {
     pub maps: Maps,
+    /// The router's side of the hand-off: where each accepted connection was going. Taken by
+    /// the router when there is one.
+    pub orig_dst: Option<BpfHashMap<MapData, SockAddr, SockAddr>>,
+    /// Where the router listens and its heartbeat; taken by the router.
+    pub router: Option<Array<MapData, RouterConfig>>,
     _ebpf: Ebpf,
 }
 
@@ -122,6 +131,8 @@ pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<(Kernel, AttachReport), Lo
         .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)?;
     let maps = take_maps(&mut ebpf)?;
+    let orig_dst = take(&mut ebpf, map_names::ORIG_DST)?;
+    let router = take(&mut ebpf, map_names::ROUTER)?;
 
     let cgroup_file = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_owned(),
@@ -165,7 +176,15 @@ pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<(Kernel, AttachReport), Lo
         }
     }
 
-    Ok((Kernel { maps, _ebpf: ebpf }, report))
+    Ok((
+        Kernel {
+            maps,
+            orig_dst: Some(orig_dst),
+            router: Some(router),
+            _ebpf: ebpf,
+        },
+        report,
+    ))
 }
 
 fn attach_and_pin(
@@ -175,45 +194,51 @@ fn attach_and_pin(
     pin: &Path,
 ) -> Result<(), LoadError> {
     let program_error = |source| LoadError::Program { name, source };
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or_else(|| LoadError::Missing {
-            kind: "program",
-            name: name.to_owned(),
-        })?
-        .try_into()
-        .map_err(program_error)?;
-    program.load().map_err(program_error)?;
+    let program = ebpf.program_mut(name).ok_or_else(|| LoadError::Missing {
+        kind: "program",
+        name: name.to_owned(),
+    })?;
     // `Single` means "no flags": the kernel refuses flags on bpf_link_create for cgroups, and a
     // link-based attachment coexists with other tools' programs on the same hooks anyway.
-    let link_id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(program_error)?;
-    let link = program.take_link(link_id).map_err(program_error)?;
-    let fd_link = FdLink::try_from(link).map_err(|source| LoadError::PinLink {
+    let fd_link: Result<FdLink, _> = if name == SOCK_OPS {
+        let program: &mut SockOps = program.try_into().map_err(program_error)?;
+        program.load().map_err(program_error)?;
+        let link_id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        FdLink::try_from(program.take_link(link_id).map_err(program_error)?)
+    } else {
+        let program: &mut CgroupSockAddr = program.try_into().map_err(program_error)?;
+        program.load().map_err(program_error)?;
+        let link_id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        FdLink::try_from(program.take_link(link_id).map_err(program_error)?)
+    };
+    let pin_error = |source: Box<dyn std::error::Error + Send + Sync>| LoadError::PinLink {
         name,
         path: pin.to_owned(),
-        source: source.into(),
-    })?;
-    fd_link.pin(pin).map_err(|source| LoadError::PinLink {
-        name,
-        path: pin.to_owned(),
-        source: source.into(),
-    })?;
+        source,
+    };
+    fd_link
+        .map_err(|e| pin_error(e.into()))?
+        .pin(pin)
+        .map_err(|e| pin_error(e.into()))?;
     Ok(())
 }
 
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, LoadError> {
+    let map = ebpf.take_map(name).ok_or_else(|| LoadError::Missing {
+        kind: "map",
+        name: name.to_owned(),
+    })?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
 fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
-    fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
-        ebpf: &mut Ebpf,
-        name: &'static str,
-    ) -> Result<T, LoadError> {
-        let map = ebpf.take_map(name).ok_or_else(|| LoadError::Missing {
-            kind: "map",
-            name: name.to_owned(),
-        })?;
-        T::try_from(map).map_err(|source| LoadError::Map { name, source })
-    }
     Ok(Maps {
         services: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::SERVICES)?,
         members: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::MEMBERS)?,

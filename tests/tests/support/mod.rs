@@ -7,6 +7,8 @@
 //! up as the wrong name rather than as a timeout.
 #![allow(dead_code)]
 
+pub mod l7;
+
 use std::{
     ffi::OsString,
     net::SocketAddr,

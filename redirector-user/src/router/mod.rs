@@ -1,0 +1,195 @@
+//! The node router: per-request HTTP/1.1, HTTP/2 and gRPC routing on the routing key, for the
+//! connections the kernel hands to it (see redirector-ebpf's `xlate::handoff`).
+//!
+//! The kernel only hands connections over while the router's heartbeat in `RDR_ROUTER` is fresh,
+//! so a router that stops or dies costs new connections nothing: they go straight to their
+//! destination (fail open).
+mod listener;
+mod proxy;
+pub mod stats;
+pub mod table;
+mod upstream;
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use hyper_util::{
+    rt::{TokioExecutor, TokioTimer},
+    server::conn::auto,
+};
+use redirector_common::{RouterConfig, SockAddr};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{error, info};
+
+use self::{
+    listener::{OrigDst, accept_loop},
+    proxy::Proxy,
+    upstream::{PoolSettings, Upstreams},
+};
+pub use self::{stats::RouterStats, table::RouteTable, upstream::ROUTER_MARK};
+use crate::{config::RouterSettings, kernel::maps::sock_addr, routing_key::Carriers};
+
+/// How often the router tells the kernel it is alive; well under `ROUTER_STALE_NS`.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write the router's address into the kernel: {0}")]
+    Map(#[from] aya::maps::MapError),
+}
+
+/// A running router. Dropping it stops accepting; [`Router::shutdown`] also tells the kernel at
+/// once so new connections stop coming.
+pub struct Router {
+    pub stats: Arc<RouterStats>,
+    tasks: Vec<JoinHandle<()>>,
+    heartbeat: JoinHandle<Array<MapData, RouterConfig>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Router {
+    /// Binds the listen addresses, starts serving, and starts the heartbeat that makes the
+    /// kernel hand connections over.
+    pub async fn start(
+        settings: &RouterSettings,
+        table: Arc<ArcSwap<RouteTable>>,
+        orig_dst: BpfHashMap<MapData, SockAddr, SockAddr>,
+        mut router_map: Array<MapData, RouterConfig>,
+    ) -> Result<Router, RouterError> {
+        let mut listeners = Vec::new();
+        for addr in &settings.listen {
+            listeners.push(bind(*addr).map_err(|source| RouterError::Listen {
+                addr: *addr,
+                source,
+            })?);
+        }
+
+        let stats = Arc::new(RouterStats::default());
+        let proxy = Arc::new(Proxy {
+            table,
+            carriers: Carriers::new(&settings.key_name, &settings.extra_key_headers),
+            upstreams: Upstreams::new(PoolSettings {
+                connect_timeout: settings.connect_timeout,
+                request_timeout: settings.request_timeout,
+                idle_timeout: settings.idle_timeout,
+            }),
+            upstream_header: settings.upstream_header.clone(),
+            stats: stats.clone(),
+        });
+        let server = Arc::new(server_builder(settings));
+        let orig_dst = Arc::new(OrigDst::new(orig_dst));
+        let tasks = listeners
+            .into_iter()
+            .map(|listener| {
+                tokio::spawn(accept_loop(
+                    listener,
+                    proxy.clone(),
+                    orig_dst.clone(),
+                    server.clone(),
+                ))
+            })
+            .collect();
+
+        let mut config = RouterConfig {
+            mark: ROUTER_MARK,
+            ..RouterConfig::default()
+        };
+        for addr in &settings.listen {
+            if addr.is_ipv4() {
+                config.v4 = sock_addr(*addr);
+            } else {
+                config.v6 = sock_addr(*addr);
+            }
+        }
+        config.heartbeat_ns = monotonic_ns();
+        router_map.set(0, config, 0)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let heartbeat = tokio::spawn(beat(router_map, config, stopped));
+        info!(listen = ?settings.listen, "node router listening");
+        Ok(Router {
+            stats,
+            tasks,
+            heartbeat,
+            stop,
+        })
+    }
+
+    /// Stops accepting and tells the kernel at once, so new connections go direct again.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+        match self.heartbeat.await {
+            Ok(mut map) => {
+                if let Err(err) = map.set(0, RouterConfig::default(), 0) {
+                    error!(error = %err, "cannot withdraw the router from the kernel");
+                }
+            }
+            Err(err) => error!(error = %err, "router heartbeat task failed"),
+        }
+    }
+}
+
+async fn beat(
+    mut map: Array<MapData, RouterConfig>,
+    mut config: RouterConfig,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> Array<MapData, RouterConfig> {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return map,
+        }
+        config.heartbeat_ns = monotonic_ns();
+        if let Err(err) = map.set(0, config, 0) {
+            error!(error = %err, "router heartbeat failed; the kernel will stop handing over");
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
+    now.unwrap_or(0)
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // The IPv4 listener may use the same port.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn server_builder(settings: &RouterSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes as u32);
+    builder
+}

@@ -1,0 +1,171 @@
+//! Per-request routing: read the key, pick the fork or the original destination, forward, and
+//! answer for the upstream when it cannot.
+//!
+//! Requests and responses stream through untouched (headers included, so the key keeps
+//! propagating downstream); the router adds at most one response header naming the upstream.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use super::{
+    stats::RouterStats,
+    table::{Decision, RouteTable},
+    upstream::{SendError, UpstreamError, Upstreams},
+};
+use crate::{routing_key::Carriers, state::ForkErrorPolicy};
+
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Header on responses the router itself produces, naming why.
+pub const ERROR_HEADER: &str = "x-redirector-error";
+
+pub struct Proxy {
+    pub table: Arc<ArcSwap<RouteTable>>,
+    pub carriers: Carriers,
+    pub upstreams: Upstreams,
+    pub upstream_header: Option<HeaderName>,
+    pub stats: Arc<RouterStats>,
+}
+
+/// Which upstream served a request, for the optional response header.
+enum Served<'a> {
+    Fork {
+        key: &'a str,
+        addr: SocketAddr,
+    },
+    Baseline {
+        addr: SocketAddr,
+    },
+    /// The fork was unreachable and its route says `on_fork_error = "baseline"`.
+    Fallback {
+        key: &'a str,
+        addr: SocketAddr,
+    },
+}
+
+impl Served<'_> {
+    fn header_value(&self) -> Option<HeaderValue> {
+        let text = match self {
+            Served::Fork { key, addr } => format!("fork {key} {addr}"),
+            Served::Baseline { addr } => format!("baseline {addr}"),
+            Served::Fallback { key, addr } => {
+                format!("baseline {addr} (fork of {key} unreachable)")
+            }
+        };
+        HeaderValue::from_str(&text).ok()
+    }
+}
+
+impl Proxy {
+    /// Routes one request that arrived on a connection originally dialed to `dialed`.
+    pub async fn handle(
+        self: Arc<Self>,
+        dialed: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let key = self.carriers.extract(req.headers());
+        let decision = self.table.load().decide(dialed, &key);
+        // Taken before forwarding: the extension does not travel with the request.
+        let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+
+        let (target, fork) = match &decision {
+            Decision::Fork { key, fork, .. } => {
+                RouterStats::bump(&self.stats.to_fork);
+                (fork.addr, Some((key.as_str(), fork.on_error)))
+            }
+            Decision::Baseline { why } => {
+                self.stats.baseline(*why);
+                (dialed, None)
+            }
+        };
+
+        let (mut response, served) = match self.upstreams.send(target, req).await {
+            Ok(response) => {
+                let served = match fork {
+                    Some((key, _)) => Served::Fork { key, addr: target },
+                    None => Served::Baseline { addr: target },
+                };
+                (response, served)
+            }
+            Err(SendError {
+                error,
+                request: Some(req),
+            }) if error.is_unreachable()
+                && matches!(fork, Some((_, ForkErrorPolicy::Baseline))) =>
+            {
+                RouterStats::bump(&self.stats.fork_fallback);
+                let key = fork.map_or("", |(key, _)| key);
+                warn!(%error, key, baseline = %dialed, "fork unreachable; sending to the baseline");
+                match self.upstreams.send(dialed, req).await {
+                    Ok(response) => (response, Served::Fallback { key, addr: dialed }),
+                    Err(SendError { error, .. }) => return Ok(self.failure(&error, false)),
+                }
+            }
+            Err(SendError { error, .. }) => return Ok(self.failure(&error, fork.is_some())),
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client) = client_upgrade
+        {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client, upstream));
+        }
+        if let Some(name) = &self.upstream_header
+            && let Some(value) = served.header_value()
+        {
+            response.headers_mut().insert(name.clone(), value);
+        }
+        Ok(response.map(Either::Left))
+    }
+
+    /// The router's own answer when the upstream could not give one.
+    fn failure(&self, error: &UpstreamError, to_fork: bool) -> Response<ProxyBody> {
+        let (status, cause) = match error {
+            UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout"),
+            e if e.is_unreachable() && to_fork => (StatusCode::BAD_GATEWAY, "fork-unreachable"),
+            e if e.is_unreachable() => (StatusCode::BAD_GATEWAY, "upstream-unreachable"),
+            _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
+        };
+        if cause == "fork-unreachable" {
+            RouterStats::bump(&self.stats.fork_error);
+        } else {
+            RouterStats::bump(&self.stats.upstream_errors);
+        }
+        debug!(%error, cause, "answering for the upstream");
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
+            "redirector: {cause}: {error}\n"
+        )))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(cause));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        response
+    }
+}
+
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+}
+
+/// Joins the client's and the upstream's upgraded connections (WebSocket and the like) once
+/// both sides have switched protocols.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(err) => {
+            debug!(error = %err, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        debug!(error = %err, "upgraded connection ended");
+    }
+}

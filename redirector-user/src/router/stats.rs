@@ -1,0 +1,56 @@
+//! Counters of what the router did, for logs now and metrics later.
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use super::table::BaselineWhy;
+
+#[derive(Debug, Default)]
+pub struct RouterStats {
+    pub connections: AtomicU64,
+    /// Connections without a hand-off record (someone dialed the router directly): closed.
+    pub connections_refused: AtomicU64,
+    pub to_fork: AtomicU64,
+    pub baseline_no_key: AtomicU64,
+    pub baseline_invalid_key: AtomicU64,
+    pub baseline_no_route: AtomicU64,
+    pub baseline_unknown_service: AtomicU64,
+    /// Fork unreachable, answered 502 (policy `error`).
+    pub fork_error: AtomicU64,
+    /// Fork unreachable, sent to the baseline (policy `baseline`).
+    pub fork_fallback: AtomicU64,
+    pub upstream_errors: AtomicU64,
+}
+
+impl RouterStats {
+    pub fn baseline(&self, why: BaselineWhy) {
+        match why {
+            BaselineWhy::NoKey => &self.baseline_no_key,
+            BaselineWhy::InvalidKey => &self.baseline_invalid_key,
+            BaselineWhy::NoRoute => &self.baseline_no_route,
+            BaselineWhy::UnknownService => &self.baseline_unknown_service,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// (name, value) pairs for logging.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("connections", &self.connections),
+            ("connections_refused", &self.connections_refused),
+            ("to_fork", &self.to_fork),
+            ("baseline_no_key", &self.baseline_no_key),
+            ("baseline_invalid_key", &self.baseline_invalid_key),
+            ("baseline_no_route", &self.baseline_no_route),
+            ("baseline_unknown_service", &self.baseline_unknown_service),
+            ("fork_error", &self.fork_error),
+            ("fork_fallback", &self.fork_fallback),
+            ("upstream_errors", &self.upstream_errors),
+        ]
+        .into_iter()
+        .map(|(name, counter)| (name, counter.load(Relaxed)))
+        .collect()
+    }
+}

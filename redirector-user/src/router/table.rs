@@ -1,0 +1,198 @@
+//! The router's routing table: for each HTTP service address, its forks by routing key.
+//!
+//! Rebuilt from the desired state on every apply and swapped in atomically, so the very next
+//! request sees a route change, including requests on connections opened before it.
+use std::{collections::HashMap, net::SocketAddr};
+
+use crate::{
+    routing_key::Extracted,
+    state::{DesiredState, ForkErrorPolicy, Protocol},
+};
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// By the service address as connections dial it (canonical: no v4-mapped IPv6).
+    services: HashMap<SocketAddr, ServiceRoutes>,
+}
+
+#[derive(Debug)]
+struct ServiceRoutes {
+    name: String,
+    /// By routing key.
+    forks: HashMap<String, Fork>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fork {
+    pub addr: SocketAddr,
+    pub on_error: ForkErrorPolicy,
+}
+
+/// Where one request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Fork {
+        service: String,
+        key: String,
+        fork: Fork,
+    },
+    /// The original destination.
+    Baseline { why: BaselineWhy },
+}
+
+/// Why a request goes to the baseline; counted per outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaselineWhy {
+    NoKey,
+    InvalidKey,
+    /// A valid key without a fork of this service.
+    NoRoute,
+    /// The destination is not (or no longer) an HTTP service with forks.
+    UnknownService,
+}
+
+impl RouteTable {
+    pub fn from_state(state: &DesiredState) -> RouteTable {
+        let mut services: HashMap<SocketAddr, ServiceRoutes> = HashMap::new();
+        for service in state.services.values() {
+            if service.protocol != Protocol::Http {
+                continue;
+            }
+            let forks: HashMap<String, Fork> = state
+                .sandboxes
+                .values()
+                .filter_map(|sandbox| {
+                    let route = sandbox.routes.get(&service.name)?;
+                    Some((
+                        sandbox.key.clone(),
+                        Fork {
+                            addr: route.fork,
+                            on_error: route.on_fork_error,
+                        },
+                    ))
+                })
+                .collect();
+            if !forks.is_empty() {
+                services.insert(
+                    canonical(service.address),
+                    ServiceRoutes {
+                        name: service.name.clone(),
+                        forks,
+                    },
+                );
+            }
+        }
+        RouteTable { services }
+    }
+
+    pub fn decide(&self, dialed: SocketAddr, key: &Extracted) -> Decision {
+        let Some(service) = self.services.get(&canonical(dialed)) else {
+            return Decision::Baseline {
+                why: BaselineWhy::UnknownService,
+            };
+        };
+        let key = match key {
+            Extracted::Key(key) => key,
+            Extracted::Invalid => {
+                return Decision::Baseline {
+                    why: BaselineWhy::InvalidKey,
+                };
+            }
+            Extracted::Absent => {
+                return Decision::Baseline {
+                    why: BaselineWhy::NoKey,
+                };
+            }
+        };
+        match service.forks.get(key) {
+            Some(fork) => Decision::Fork {
+                service: service.name.clone(),
+                key: key.clone(),
+                fork: *fork,
+            },
+            None => Decision::Baseline {
+                why: BaselineWhy::NoRoute,
+            },
+        }
+    }
+}
+
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn table() -> RouteTable {
+        let config = config::parse(
+            r#"
+[[service]]
+name = "web"
+address = "10.96.0.10:8080"
+protocol = "http"
+
+[[service]]
+name = "db"
+address = "10.96.0.20:5432"
+
+[[sandbox]]
+key = "pr-1"
+routes = [{ service = "web", fork = "10.0.0.7:8080" }, { service = "db", fork = "10.0.0.7:5432" }]
+
+[[sandbox]]
+key = "pr-2"
+routes = [{ service = "web", fork = "10.0.0.8:8080", on_fork_error = "baseline" }]
+"#,
+        )
+        .expect("valid");
+        RouteTable::from_state(&config.state)
+    }
+
+    fn key(k: &str) -> Extracted {
+        Extracted::Key(k.to_owned())
+    }
+
+    #[test]
+    fn routes_by_key_and_falls_back_to_baseline() {
+        let t = table();
+        let web: SocketAddr = "10.96.0.10:8080".parse().unwrap();
+        match t.decide(web, &key("pr-2")) {
+            Decision::Fork { fork, key, service } => {
+                assert_eq!(fork.addr, "10.0.0.8:8080".parse().unwrap());
+                assert_eq!(fork.on_error, ForkErrorPolicy::Baseline);
+                assert_eq!((key.as_str(), service.as_str()), ("pr-2", "web"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let baseline = |why| Decision::Baseline { why };
+        assert_eq!(t.decide(web, &key("pr-9")), baseline(BaselineWhy::NoRoute));
+        assert_eq!(
+            t.decide(web, &Extracted::Absent),
+            baseline(BaselineWhy::NoKey)
+        );
+        assert_eq!(
+            t.decide(web, &Extracted::Invalid),
+            baseline(BaselineWhy::InvalidKey)
+        );
+    }
+
+    #[test]
+    fn only_http_services_and_v4_mapped_dialing() {
+        let t = table();
+        let db: SocketAddr = "10.96.0.20:5432".parse().unwrap();
+        assert_eq!(
+            t.decide(db, &key("pr-1")),
+            Decision::Baseline {
+                why: BaselineWhy::UnknownService
+            }
+        );
+        let mapped: SocketAddr = "[::ffff:10.96.0.10]:8080".parse().unwrap();
+        assert!(matches!(
+            t.decide(mapped, &key("pr-1")),
+            Decision::Fork { .. }
+        ));
+    }
+}
