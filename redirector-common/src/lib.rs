@@ -23,9 +23,18 @@ pub mod map_names {
     pub const ROUTER: &str = "RDR_ROUTER_v1";
     pub const HANDOFF: &str = "RDR_HANDOFF_v1";
     pub const ORIG_DST: &str = "RDR_ORIGDST_v1";
+    pub const ROUTER_SOCKETS: &str = "RDR_RSOCKS_v1";
 
-    pub const ALL: [&str; 8] = [
-        SERVICES, MEMBERS, ROUTES, REVNAT, STATS, ROUTER, HANDOFF, ORIG_DST,
+    pub const ALL: [&str; 9] = [
+        SERVICES,
+        MEMBERS,
+        ROUTES,
+        REVNAT,
+        STATS,
+        ROUTER,
+        HANDOFF,
+        ORIG_DST,
+        ROUTER_SOCKETS,
     ];
 }
 
@@ -138,7 +147,13 @@ pub struct RouterConfig {
     pub _pad: u32,
 }
 
-/// A heartbeat older than this means the router is gone.
+/// Slots of `RDR_RSOCKS` (a sockmap) holding the router's listening sockets. The kernel drops a
+/// socket from the map the moment it closes, so a killed router stops receiving connections at
+/// once, not only when its heartbeat goes stale.
+pub const ROUTER_SOCKET_V4: u32 = 0;
+pub const ROUTER_SOCKET_V6: u32 = 1;
+
+/// A heartbeat older than this means the router is gone (or hung).
 pub const ROUTER_STALE_NS: u64 = 800_000_000;
 
 /// Slots of the per-CPU `RDR_STATS` array.

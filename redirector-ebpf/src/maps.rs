@@ -3,7 +3,7 @@
 //! the daemon reads too.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
 };
 use redirector_common::{
     MemberValue, RevNatKey, RouteKey, RouterConfig, ServiceKey, ServiceValue, SockAddr, map_sizes,
@@ -31,6 +31,11 @@ pub(crate) static REVNAT: LruHashMap<RevNatKey, SockAddr> =
 /// Where the node router listens and whether it is alive; one entry, written by the daemon.
 #[map(name = "RDR_ROUTER_v1")]
 pub(crate) static ROUTER: Array<RouterConfig> = Array::pinned(1, 0);
+
+/// The router's listening sockets, by `ROUTER_SOCKET_V4`/`_V6`; a closed socket leaves the
+/// map by itself.
+#[map(name = "RDR_RSOCKS_v1")]
+pub(crate) static ROUTER_SOCKETS: SockMap = SockMap::pinned(2, 0);
 
 /// Socket cookie -> original destination of a connection handed to the router, until the
 /// sock_ops program learns its source port.

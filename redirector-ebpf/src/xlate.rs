@@ -5,15 +5,19 @@
 //! Reverse (getpeername, recvmsg): fork or router -> the service address the socket dialed.
 //! IPv6 sockets dialing a v4-mapped address go through the IPv4 tables, so an IPv4 service
 //! behaves the same whichever socket family reaches it.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::SockAddrContext};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_release},
+    programs::SockAddrContext,
+};
 use redirector_common::{
-    FAMILY_V4, FAMILY_V6, ROUTER_STALE_NS, RevNatKey, RouteKey, SERVICE_HTTP_HANDOFF, ServiceKey,
-    SockAddr, stats,
+    FAMILY_V4, FAMILY_V6, ROUTER_SOCKET_V4, ROUTER_SOCKET_V6, ROUTER_STALE_NS, RevNatKey, RouteKey,
+    SERVICE_HTTP_HANDOFF, ServiceKey, SockAddr, stats,
 };
 
 use crate::{
     ctx,
-    maps::{HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTES, SERVICES, count},
+    maps::{HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, count},
 };
 
 /// Third word of a v4-mapped IPv6 address (`::ffff:a.b.c.d`) as it sits in memory.
@@ -150,14 +154,18 @@ fn handoff(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
         count(stats::ROUTER_DOWN);
         return None;
     }
-    let target = if dialed.family == FAMILY_V4 {
-        router.v4
+    let (target, slot) = if dialed.family == FAMILY_V4 {
+        (router.v4, ROUTER_SOCKET_V4)
     } else {
-        router.v6
+        (router.v6, ROUTER_SOCKET_V6)
     };
     if target.family != dialed.family {
         // The router does not listen on this family: no per-request routing, stay direct.
         count(stats::SERVICE_PASS);
+        return None;
+    }
+    if !router_listening(slot) {
+        count(stats::ROUTER_DOWN);
         return None;
     }
     if HANDOFF.insert(&ctx::socket_cookie(ctx), dialed, 0).is_err() {
@@ -167,6 +175,24 @@ fn handoff(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
     }
     count(stats::HANDOFF);
     Some(target)
+}
+
+/// True while the router's listening socket for this family is open.
+#[inline(always)]
+fn router_listening(slot: u32) -> bool {
+    // SockMap keeps its definition private; being `repr(transparent)` over it, the static's
+    // address is the map pointer the helper wants.
+    let map = core::ptr::addr_of!(ROUTER_SOCKETS) as *mut c_void;
+    // SAFETY: valid map pointer and key; a non-null result is a referenced socket that must be
+    // released, which happens right away.
+    unsafe {
+        let sk = bpf_map_lookup_elem(map, core::ptr::addr_of!(slot).cast());
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
 }
 
 /// The service address this socket dialed, if `peer` is a fork it was steered to.

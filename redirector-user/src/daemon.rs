@@ -24,7 +24,7 @@ use crate::{
         prereq,
         programs::{self, Kernel},
     },
-    router::{RouteTable, Router},
+    router::{RouteTable, Router, RouterMaps},
     state::{DesiredState, Protocol},
 };
 
@@ -95,13 +95,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let mut kernel = kernel;
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::from_state(&config.state)));
-    let router = match (
-        config.router.listen.is_empty(),
+    let router_maps = match (
         kernel.orig_dst.take(),
         kernel.router.take(),
+        kernel.router_sockets.take(),
     ) {
-        (false, Some(orig_dst), Some(router_map)) => Some(
-            Router::start(&config.router, table.clone(), orig_dst, router_map)
+        (Some(orig_dst), Some(config), Some(sockets)) => Some(RouterMaps {
+            orig_dst,
+            config,
+            sockets,
+        }),
+        _ => None,
+    };
+    let router = match router_maps {
+        Some(maps) if !config.router.listen.is_empty() => Some(
+            Router::start(&config.router, table.clone(), maps)
                 .await
                 .context("starting the node router")?,
         ),

@@ -176,3 +176,52 @@ fn malformed_and_slow_clients_get_an_error_and_disturb_no_one() {
         "router alive"
     );
 }
+
+#[test]
+fn slow_upstreams_time_out_and_the_router_is_not_an_open_proxy() {
+    let Some(mut c) = L7::new("l7-timeouts") else {
+        return;
+    };
+    c.start(Routes::both());
+    // request_timeout_ms is 2000 in this node's config.
+    let slow = HttpReq::get("/delay/4000")
+        .header("baggage", &baggage("pr-1"))
+        .spec();
+    let lines = c.http(&c.frontend, &["h1", "--addr", SVC_A, "--req", &slow]);
+    assert_eq!(lines[0]["status"], 504, "{lines:?}");
+    assert_eq!(
+        lines[0]["headers"]["x-redirector-error"],
+        "upstream-timeout"
+    );
+
+    // Dialing the router directly: no hand-off record, so no destination; it just closes.
+    let direct = c.http(
+        &c.frontend,
+        &[
+            "raw",
+            "--addr",
+            support::l7::ROUTER4,
+            "--send",
+            "GET / HTTP/1.1\\r\\nHost: 10.0.0.1\\r\\n\\r\\n",
+        ],
+    );
+    assert_eq!(direct[0]["status"], serde_json::Value::Null, "{direct:?}");
+    assert_eq!(direct[0]["closed"], true, "{direct:?}");
+
+    // Chunked request bodies stream too.
+    let chunked = c.http(
+        &c.frontend,
+        &[
+            "upload",
+            "--addr",
+            SVC_A,
+            "--bytes",
+            "3000000",
+            "--chunked",
+            "--header",
+            KEY_HEADER,
+        ],
+    );
+    assert_eq!(chunked[0]["served_by"], "fork-pr1", "{chunked:?}");
+    assert_eq!(chunked[0]["intact"], true);
+}

@@ -21,7 +21,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, SockMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError, PinnedLink},
@@ -115,6 +115,8 @@ pub struct Kernel {
     pub orig_dst: Option<BpfHashMap<MapData, SockAddr, SockAddr>>,
     /// Where the router listens and its heartbeat; taken by the router.
     pub router: Option<Array<MapData, RouterConfig>>,
+    /// The router's listening sockets; taken by the router.
+    pub router_sockets: Option<SockMap<MapData>>,
     _ebpf: Ebpf,
 }
 
@@ -133,6 +135,7 @@ pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<(Kernel, AttachReport), Lo
     let maps = take_maps(&mut ebpf)?;
     let orig_dst = take(&mut ebpf, map_names::ORIG_DST)?;
     let router = take(&mut ebpf, map_names::ROUTER)?;
+    let router_sockets = take(&mut ebpf, map_names::ROUTER_SOCKETS)?;
 
     let cgroup_file = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_owned(),
@@ -181,6 +184,7 @@ pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<(Kernel, AttachReport), Lo
             maps,
             orig_dst: Some(orig_dst),
             router: Some(router),
+            router_sockets: Some(router_sockets),
             _ebpf: ebpf,
         },
         report,

@@ -13,12 +13,12 @@ mod upstream;
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockMap};
 use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
     server::conn::auto,
 };
-use redirector_common::{RouterConfig, SockAddr};
+use redirector_common::{ROUTER_SOCKET_V4, ROUTER_SOCKET_V6, RouterConfig, SockAddr};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{error, info};
 
@@ -32,6 +32,13 @@ use crate::{config::RouterSettings, kernel::maps::sock_addr, routing_key::Carrie
 
 /// How often the router tells the kernel it is alive; well under `ROUTER_STALE_NS`.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The kernel maps the router drives (see redirector-common for their layouts).
+pub struct RouterMaps {
+    pub orig_dst: BpfHashMap<MapData, SockAddr, SockAddr>,
+    pub config: Array<MapData, RouterConfig>,
+    pub sockets: SockMap<MapData>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -60,15 +67,28 @@ impl Router {
     pub async fn start(
         settings: &RouterSettings,
         table: Arc<ArcSwap<RouteTable>>,
-        orig_dst: BpfHashMap<MapData, SockAddr, SockAddr>,
-        mut router_map: Array<MapData, RouterConfig>,
+        maps: RouterMaps,
     ) -> Result<Router, RouterError> {
+        let RouterMaps {
+            orig_dst,
+            config: mut router_map,
+            mut sockets,
+        } = maps;
         let mut listeners = Vec::new();
         for addr in &settings.listen {
-            listeners.push(bind(*addr).map_err(|source| RouterError::Listen {
+            let listener = bind(*addr).map_err(|source| RouterError::Listen {
                 addr: *addr,
                 source,
-            })?);
+            })?;
+            let slot = if addr.is_ipv4() {
+                ROUTER_SOCKET_V4
+            } else {
+                ROUTER_SOCKET_V6
+            };
+            // The kernel hands over only while this socket is open: it leaves the map when
+            // the process dies, however it dies.
+            sockets.set(slot, &listener, 0)?;
+            listeners.push(listener);
         }
 
         let stats = Arc::new(RouterStats::default());

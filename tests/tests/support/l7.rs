@@ -114,7 +114,7 @@ router_listen = ["{ROUTER4}", "{ROUTER6}"]
 [router]
 upstream_header = "{UPSTREAM_HEADER}"
 connect_timeout_ms = 1000
-request_timeout_ms = 10000
+request_timeout_ms = 2000
 header_read_timeout_ms = 4000
 
 [[service]]
