@@ -24,8 +24,9 @@ pub mod map_names {
     pub const HANDOFF: &str = "RDR_HANDOFF_v1";
     pub const ORIG_DST: &str = "RDR_ORIGDST_v1";
     pub const ROUTER_SOCKETS: &str = "RDR_RSOCKS_v1";
+    pub const ROUTE_STATS: &str = "RDR_RSTATS_v1";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         MEMBERS,
         ROUTES,
@@ -35,6 +36,7 @@ pub mod map_names {
         HANDOFF,
         ORIG_DST,
         ROUTER_SOCKETS,
+        ROUTE_STATS,
     ];
 }
 
@@ -50,6 +52,8 @@ pub mod map_sizes {
     pub const HANDOFF: u32 = 65_536;
     /// LRU: handed-off connections the router has not accepted yet, by client address.
     pub const ORIG_DST: u32 = 65_536;
+    /// LRU per-CPU: connections steered per route (for metrics); one slot per route.
+    pub const ROUTE_STATS: u32 = ROUTES;
 }
 
 /// Address family tags used in keys and values (not the kernel's AF_* numbers, which differ).

@@ -3,7 +3,7 @@
 //! the daemon reads too.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockMap},
 };
 use redirector_common::{
     MemberValue, RevNatKey, RouteKey, RouterConfig, ServiceKey, ServiceValue, SockAddr, map_sizes,
@@ -51,6 +51,25 @@ pub(crate) static ORIG_DST: LruHashMap<SockAddr, SockAddr> =
 /// Per-CPU event counters, one slot per `redirector_common::stats` constant.
 #[map(name = "RDR_STATS_v1")]
 pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+/// Connections steered per route, per CPU (metrics). Only the steering path touches it.
+#[map(name = "RDR_RSTATS_v1")]
+pub(crate) static ROUTE_STATS: LruPerCpuHashMap<RouteKey, u64> =
+    LruPerCpuHashMap::pinned(map_sizes::ROUTE_STATS, 0);
+
+/// BPF_NOEXIST: create only; another CPU may have created the slot meanwhile, which is fine.
+const BPF_NOEXIST: u64 = 1;
+
+#[inline(always)]
+pub(crate) fn count_route(route: &RouteKey) {
+    match ROUTE_STATS.get_ptr_mut(route) {
+        // SAFETY: this CPU's slot, touched by one program at a time.
+        Some(counter) => unsafe { *counter += 1 },
+        None => {
+            let _ = ROUTE_STATS.insert(route, &1, BPF_NOEXIST);
+        }
+    }
+}
 
 #[inline(always)]
 pub(crate) fn count(slot: u32) {

@@ -17,7 +17,9 @@ use redirector_common::{
 
 use crate::{
     ctx,
-    maps::{HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, count},
+    maps::{
+        HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, count, count_route,
+    },
 };
 
 /// Third word of a v4-mapped IPv6 address (`::ffff:a.b.c.d`) as it sits in memory.
@@ -95,8 +97,9 @@ fn steer(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
     let service = unsafe { *service };
 
     let target = match fork_of_member(ctx, service.service_id, dialed) {
-        Some(fork) => {
+        Some((fork, route)) => {
             count(stats::STEERED);
+            count_route(&route);
             fork
         }
         None if service.flags & SERVICE_HTTP_HANDOFF != 0 => handoff(ctx, dialed)?,
@@ -121,7 +124,11 @@ fn steer(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
 /// The fork this socket's pod must reach instead of the service, if the pod is a sandbox
 /// member and its sandbox forks the service.
 #[inline(always)]
-fn fork_of_member(ctx: &SockAddrContext, service_id: u32, dialed: &SockAddr) -> Option<SockAddr> {
+fn fork_of_member(
+    ctx: &SockAddrContext,
+    service_id: u32,
+    dialed: &SockAddr,
+) -> Option<(SockAddr, RouteKey)> {
     let member = MEMBERS.get_ptr(&ctx::netns_cookie(ctx))?;
     // SAFETY: pointer from a successful lookup, read at once.
     let sandbox_id = unsafe { (*member).sandbox_id };
@@ -133,7 +140,7 @@ fn fork_of_member(ctx: &SockAddrContext, service_id: u32, dialed: &SockAddr) -> 
     // SAFETY: as above; copied out before the map can change under us.
     let fork = unsafe { *fork };
     // Cannot differ with a daemon-validated state; never rewrite across families.
-    (fork.family == dialed.family).then_some(fork)
+    (fork.family == dialed.family).then_some((fork, route))
 }
 
 /// Hands the connection to the node router if it is alive, recording the original destination

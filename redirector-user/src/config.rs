@@ -17,12 +17,14 @@ use toml::Spanned;
 
 use crate::{
     routing_key,
-    state::{DesiredState, ForkErrorPolicy, Protocol, Route, Sandbox, Service},
+    state::{DesiredState, ForkErrorPolicy, Group, Protocol, Route, Sandbox, Service},
 };
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/redirector";
 
 pub const DEFAULT_KEY_NAME: &str = "sd-routing-key";
+pub const DEFAULT_API_SOCKET: &str = "/run/redirector/api.sock";
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/redirector/state.json";
 
 /// Daemon settings from the `[daemon]` table; command-line flags override them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,6 +33,12 @@ pub struct DaemonSettings {
     pub cgroup: Option<PathBuf>,
     /// bpffs directory for pinned maps and links.
     pub bpffs: Option<PathBuf>,
+    /// Unix socket of the local API.
+    pub api_socket: Option<PathBuf>,
+    /// Where objects created through the API are kept across restarts.
+    pub state_file: Option<PathBuf>,
+    /// Prometheus text endpoint (`GET /metrics`); off when None.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Node router settings: `[daemon] router_listen` and the `[router]` table.
@@ -162,6 +170,18 @@ struct RawConfig {
     service: Vec<RawService>,
     #[serde(default)]
     sandbox: Vec<RawSandbox>,
+    #[serde(default)]
+    group: Vec<RawGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    key: Spanned<String>,
+    #[serde(default)]
+    sandboxes: Vec<Spanned<String>>,
+    #[serde(default)]
+    members: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -169,6 +189,9 @@ struct RawConfig {
 struct RawDaemon {
     cgroup: Option<PathBuf>,
     bpffs: Option<PathBuf>,
+    api_socket: Option<PathBuf>,
+    state_file: Option<PathBuf>,
+    metrics_listen: Option<Spanned<String>>,
     /// One address or a list (untagged enums lose spans in toml, hence the raw value).
     router_listen: Option<Spanned<toml::Value>>,
 }
@@ -234,13 +257,36 @@ pub fn parse(text: &str) -> Result<Config, Vec<FieldError>> {
         text,
         errors: Vec::new(),
     };
-    let state = v.state(raw.service, raw.sandbox);
+    let mut state = v.state(raw.service, raw.sandbox);
+    v.groups(&mut state, raw.group);
+    if v.errors.is_empty()
+        && let Err(issues) = state.validate()
+    {
+        // Every rule is checked above with its location; this is the safety net for one that
+        // is not, reported without a line rather than not at all.
+        for issue in issues {
+            v.errors.push(FieldError {
+                line: 1,
+                column: 1,
+                field: issue.field,
+                message: issue.message,
+            });
+        }
+    }
     let router = v.router(raw.daemon.router_listen, raw.router);
+    let metrics_listen = raw
+        .daemon
+        .metrics_listen
+        .as_ref()
+        .and_then(|addr| v.socket_addr_any(addr, "daemon.metrics_listen".to_owned()));
     if v.errors.is_empty() {
         Ok(Config {
             daemon: DaemonSettings {
                 cgroup: raw.daemon.cgroup,
                 bpffs: raw.daemon.bpffs,
+                api_socket: raw.daemon.api_socket,
+                state_file: raw.daemon.state_file,
+                metrics_listen,
             },
             router,
             state,
@@ -396,6 +442,89 @@ impl Validator<'_> {
         state
     }
 
+    fn groups(&mut self, state: &mut DesiredState, groups: Vec<RawGroup>) {
+        let mut member_of: HashMap<PathBuf, String> = state
+            .sandboxes
+            .values()
+            .flat_map(|s| s.members.iter().map(|m| (m.clone(), s.key.clone())))
+            .collect();
+        for (i, raw) in groups.into_iter().enumerate() {
+            let field = |f: &str| format!("group[{i}].{f}");
+            let key = raw.key.get_ref().clone();
+            if let Err(e) = routing_key::validate(&key) {
+                self.error(raw.key.span(), field("key"), e.to_string());
+            } else if state.sandboxes.contains_key(&key) || state.groups.contains_key(&key) {
+                self.error(
+                    raw.key.span(),
+                    field("key"),
+                    format!("{key:?} is already the key of a sandbox or group"),
+                );
+            }
+            if raw.sandboxes.is_empty() {
+                self.error(
+                    raw.key.span(),
+                    field("sandboxes"),
+                    "a group needs at least one sandbox",
+                );
+            }
+            let mut forked_by: HashMap<String, String> = HashMap::new();
+            let mut sandboxes = Vec::new();
+            for (j, sandbox_key) in raw.sandboxes.iter().enumerate() {
+                let f = field(&format!("sandboxes[{j}]"));
+                let name = sandbox_key.get_ref();
+                if sandboxes.contains(name) {
+                    self.error(
+                        sandbox_key.span(),
+                        f,
+                        format!("sandbox {name:?} is listed twice"),
+                    );
+                    continue;
+                }
+                let Some(sandbox) = state.sandboxes.get(name) else {
+                    self.error(sandbox_key.span(), f, format!("unknown sandbox {name:?}"));
+                    continue;
+                };
+                for service in sandbox.routes.keys() {
+                    if let Some(other) = forked_by.insert(service.clone(), name.clone()) {
+                        self.error(
+                            sandbox_key.span(),
+                            f.clone(),
+                            format!(
+                                "conflict: sandboxes {other:?} and {name:?} both fork service {service:?}"
+                            ),
+                        );
+                    }
+                }
+                sandboxes.push(name.clone());
+            }
+            let mut members = Vec::new();
+            for (j, member) in raw.members.iter().enumerate() {
+                let f = field(&format!("members[{j}]"));
+                let path = member.get_ref();
+                if !path.starts_with('/') {
+                    self.error(
+                        member.span(),
+                        f,
+                        format!("{path:?} is not an absolute path"),
+                    );
+                } else if let Some(other) = member_of.insert(PathBuf::from(path), key.clone()) {
+                    self.error(
+                        member.span(),
+                        f,
+                        format!("{path} is already a member of {other:?}"),
+                    );
+                } else {
+                    members.push(PathBuf::from(path));
+                }
+            }
+            state.groups.entry(key.clone()).or_insert(Group {
+                key,
+                sandboxes,
+                members,
+            });
+        }
+    }
+
     fn router(&mut self, listen: Option<Spanned<toml::Value>>, raw: RawRouter) -> RouterSettings {
         let mut settings = RouterSettings::default();
         let listen: Vec<Spanned<String>> = match listen {
@@ -522,6 +651,21 @@ impl Validator<'_> {
             }
         }
         settings
+    }
+
+    /// A listen address: unspecified (0.0.0.0) allowed, port required.
+    fn socket_addr_any(&mut self, raw: &Spanned<String>, field: String) -> Option<SocketAddr> {
+        match raw.get_ref().parse::<SocketAddr>() {
+            Ok(addr) if addr.port() != 0 => Some(addr),
+            _ => {
+                self.error(
+                    raw.span(),
+                    field,
+                    format!("{:?} is not an IP address and non-zero port", raw.get_ref()),
+                );
+                None
+            }
+        }
     }
 
     fn socket_addr(&mut self, raw: &Spanned<String>, field: String) -> Option<SocketAddr> {
@@ -692,6 +836,56 @@ max_header_bytes = 10
         );
         let bad = text.replace("\"baseline\" }", "\"retry\" }");
         assert_eq!(errors(&bad).len(), 1);
+    }
+
+    #[test]
+    fn groups_parse_and_conflicts_are_located() {
+        let text = r#"
+[[service]]
+name = "a"
+address = "10.96.0.1:80"
+
+[[service]]
+name = "b"
+address = "10.96.0.2:80"
+
+[[sandbox]]
+key = "pr-1"
+routes = [{ service = "a", fork = "10.0.0.1:80" }]
+
+[[sandbox]]
+key = "pr-2"
+routes = [{ service = "b", fork = "10.0.0.2:80" }]
+
+[[sandbox]]
+key = "pr-3"
+routes = [{ service = "a", fork = "10.0.0.3:80" }]
+
+[[group]]
+key = "pr-1-and-2"
+sandboxes = ["pr-1", "pr-2"]
+members = ["/run/netns/tester"]
+"#;
+        let config = parse(text).expect("valid");
+        assert_eq!(
+            config.state.groups["pr-1-and-2"].sandboxes,
+            ["pr-1", "pr-2"]
+        );
+
+        let bad =
+            format!("{text}\n[[group]]\nkey = \"x\"\nsandboxes = [\"pr-1\", \"pr-3\", \"pr-9\"]\n");
+        let errs = errors(&bad);
+        let line = bad.lines().count();
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert_eq!(
+            (errs[0].field.as_str(), errs[0].line),
+            ("group[1].sandboxes[1]", line)
+        );
+        assert!(
+            errs[0].message.contains("both fork service \"a\""),
+            "{errs:?}"
+        );
+        assert_eq!(errs[1].message, "unknown sandbox \"pr-9\"");
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! `redirector`: the node daemon and its command-line interface.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod api;
 mod cli;
 mod config;
 mod daemon;
+mod doctor;
 mod kernel;
+mod metrics;
 mod router;
 mod routing_key;
 mod state;
@@ -30,11 +33,18 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(cli::dispatch(cli.command)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             // One place prints the whole error chain, once.
             eprintln!("redirector: {err:#}");
-            std::process::ExitCode::FAILURE
+            if err
+                .downcast_ref::<api::client::ClientError>()
+                .is_some_and(|e| matches!(e, api::client::ClientError::Unreachable { .. }))
+            {
+                std::process::ExitCode::from(3)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

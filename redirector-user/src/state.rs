@@ -1,12 +1,20 @@
-//! The desired state the daemon makes true in the kernel: services, sandboxes, their member pods
-//! and routes. Validated on construction (see `config`); the kernel encoding lives in
+//! The desired state the daemon makes true in the kernel: services, sandboxes, route groups,
+//! their member pods and routes. [`DesiredState::validate`] holds the rules every state must
+//! meet, whatever its source (config file, API, or both merged); the kernel encoding lives in
 //! `kernel::maps`.
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::SocketAddr,
+    path::PathBuf,
+};
+
+use crate::routing_key;
 
 /// How a service is reached, which decides how its forks are routed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    #[default]
     Tcp,
     Udp,
     /// HTTP/1.1 or HTTP/2 over TCP: members are steered like `tcp` today; per-request routing
@@ -57,20 +65,302 @@ pub struct Sandbox {
     pub routes: BTreeMap<String, Route>,
 }
 
+/// A routing key that stands for several sandboxes at once (testing two PRs that change
+/// different services together): its requests and member pods reach the forks of all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub key: String,
+    /// Keys of the sandboxes it combines; no two may fork the same service.
+    pub sandboxes: Vec<String>,
+    /// Network-namespace paths of pods that belong to the group.
+    pub members: Vec<PathBuf>,
+}
+
+/// A routing key as the data paths see it: a sandbox, or a group with its sandboxes' routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRoutes {
+    pub key: String,
+    pub members: Vec<PathBuf>,
+    /// By service name.
+    pub routes: BTreeMap<String, Route>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// By service name.
     pub services: BTreeMap<String, Service>,
     /// By routing key.
     pub sandboxes: BTreeMap<String, Sandbox>,
+    /// By routing key.
+    pub groups: BTreeMap<String, Group>,
+}
+
+/// A rule a state breaks, named by the field it concerns (e.g. `sandbox "pr-1" route "svc-a"`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Issue {
+    pub field: String,
+    pub message: String,
 }
 
 impl DesiredState {
+    /// Every routing key with its members and routes: sandboxes as they are, groups with the
+    /// union of their sandboxes' routes.
+    pub fn routing_keys(&self) -> Vec<KeyRoutes> {
+        let sandboxes = self.sandboxes.values().map(|s| KeyRoutes {
+            key: s.key.clone(),
+            members: s.members.clone(),
+            routes: s.routes.clone(),
+        });
+        let groups = self.groups.values().map(|g| KeyRoutes {
+            key: g.key.clone(),
+            members: g.members.clone(),
+            routes: g
+                .sandboxes
+                .iter()
+                .filter_map(|key| self.sandboxes.get(key))
+                .flat_map(|s| s.routes.iter().map(|(k, v)| (k.clone(), *v)))
+                .collect(),
+        });
+        sandboxes.chain(groups).collect()
+    }
+
+    /// Checks the rules that span objects. The config file checks them too, with line numbers;
+    /// this is the check for states assembled from several sources.
+    pub fn validate(&self) -> Result<(), Vec<Issue>> {
+        let mut issues = Vec::new();
+        let mut issue = |field: String, message: String| issues.push(Issue { field, message });
+
+        let mut destinations: HashMap<(SocketAddr, u8), &str> = HashMap::new();
+        for service in self.services.values() {
+            let key = (
+                SocketAddr::new(service.address.ip().to_canonical(), service.address.port()),
+                service.protocol.ip_protocol(),
+            );
+            if let Some(other) = destinations.insert(key, &service.name) {
+                issue(
+                    format!("service {:?} address", service.name),
+                    format!(
+                        "{} is already the address of service {other:?}",
+                        service.address
+                    ),
+                );
+            }
+        }
+
+        let mut member_of: HashMap<&PathBuf, &str> = HashMap::new();
+        for sandbox in self.sandboxes.values() {
+            if let Err(e) = routing_key::validate(&sandbox.key) {
+                issue(format!("sandbox {:?} key", sandbox.key), e.to_string());
+            }
+            for (name, route) in &sandbox.routes {
+                let field = format!("sandbox {:?} route {name:?}", sandbox.key);
+                match self.services.get(name) {
+                    None => issue(field, format!("unknown service {name:?}")),
+                    Some(service) if service.address.is_ipv4() != route.fork.is_ipv4() => issue(
+                        field,
+                        format!(
+                            "fork {} and service address {} must be the same IP family",
+                            route.fork, service.address
+                        ),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            for member in &sandbox.members {
+                if let Some(other) = member_of.insert(member, &sandbox.key) {
+                    issue(
+                        format!("sandbox {:?} members", sandbox.key),
+                        format!("{} is already a member of {other:?}", member.display()),
+                    );
+                }
+            }
+        }
+
+        for group in self.groups.values() {
+            let field = |what: &str| format!("group {:?} {what}", group.key);
+            if let Err(e) = routing_key::validate(&group.key) {
+                issue(field("key"), e.to_string());
+            }
+            if self.sandboxes.contains_key(&group.key) {
+                issue(
+                    field("key"),
+                    format!("{:?} is already a sandbox key", group.key),
+                );
+            }
+            if group.sandboxes.is_empty() {
+                issue(
+                    field("sandboxes"),
+                    "a group needs at least one sandbox".to_owned(),
+                );
+            }
+            let mut forked_by: HashMap<&str, &str> = HashMap::new();
+            let mut seen = HashSet::new();
+            for key in &group.sandboxes {
+                if !seen.insert(key) {
+                    issue(
+                        field("sandboxes"),
+                        format!("sandbox {key:?} is listed twice"),
+                    );
+                    continue;
+                }
+                let Some(sandbox) = self.sandboxes.get(key) else {
+                    issue(field("sandboxes"), format!("unknown sandbox {key:?}"));
+                    continue;
+                };
+                for service in sandbox.routes.keys() {
+                    if let Some(other) = forked_by.insert(service, key) {
+                        issue(
+                            field("sandboxes"),
+                            format!(
+                                "conflict: sandboxes {other:?} and {key:?} both fork service {service:?}"
+                            ),
+                        );
+                    }
+                }
+            }
+            for member in &group.members {
+                if let Some(other) = member_of.insert(member, &group.key) {
+                    issue(
+                        field("members"),
+                        format!("{} is already a member of {other:?}", member.display()),
+                    );
+                }
+            }
+        }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(issues)
+        }
+    }
+
     pub fn route_count(&self) -> usize {
         self.sandboxes.values().map(|s| s.routes.len()).sum()
     }
 
     pub fn member_count(&self) -> usize {
-        self.sandboxes.values().map(|s| s.members.len()).sum()
+        self.sandboxes
+            .values()
+            .map(|s| s.members.len())
+            .sum::<usize>()
+            + self.groups.values().map(|g| g.members.len()).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> DesiredState {
+        let mut state = DesiredState::default();
+        for (name, addr) in [("a", "10.96.0.1:80"), ("b", "10.96.0.2:80")] {
+            state.services.insert(
+                name.into(),
+                Service {
+                    name: name.into(),
+                    address: addr.parse().unwrap(),
+                    protocol: Protocol::Http,
+                },
+            );
+        }
+        for (key, service, fork) in [("pr-1", "a", "10.0.0.1:80"), ("pr-2", "b", "10.0.0.2:80")] {
+            state.sandboxes.insert(
+                key.into(),
+                Sandbox {
+                    key: key.into(),
+                    members: vec![],
+                    routes: [(
+                        service.to_owned(),
+                        Route {
+                            fork: fork.parse().unwrap(),
+                            on_fork_error: ForkErrorPolicy::Error,
+                        },
+                    )]
+                    .into(),
+                },
+            );
+        }
+        state
+    }
+
+    fn group(key: &str, sandboxes: &[&str]) -> Group {
+        Group {
+            key: key.into(),
+            sandboxes: sandboxes.iter().map(|s| s.to_string()).collect(),
+            members: vec![],
+        }
+    }
+
+    #[test]
+    fn a_group_carries_the_routes_of_all_its_sandboxes() {
+        let mut state = state();
+        state
+            .groups
+            .insert("g".into(), group("g", &["pr-1", "pr-2"]));
+        assert_eq!(state.validate(), Ok(()));
+        let keys = state.routing_keys();
+        let g = keys.iter().find(|k| k.key == "g").unwrap();
+        assert_eq!(g.routes.keys().collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn sandboxes_forking_the_same_service_conflict_in_a_group() {
+        let mut state = state();
+        let mut pr3 = state.sandboxes["pr-1"].clone();
+        pr3.key = "pr-3".into();
+        state.sandboxes.insert("pr-3".into(), pr3);
+        state
+            .groups
+            .insert("g".into(), group("g", &["pr-1", "pr-3"]));
+        let issues = state.validate().unwrap_err();
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert!(
+            issues[0].message.contains("both fork service \"a\""),
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn group_rules() {
+        let mut state = state();
+        state.groups.insert("pr-1".into(), group("pr-1", &["pr-2"]));
+        state.groups.insert("e".into(), group("e", &[]));
+        state
+            .groups
+            .insert("u".into(), group("u", &["nope", "pr-2", "pr-2"]));
+        let messages: Vec<String> = state
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|i| format!("{}: {}", i.field, i.message))
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "group \"e\" sandboxes: a group needs at least one sandbox",
+                "group \"pr-1\" key: \"pr-1\" is already a sandbox key",
+                "group \"u\" sandboxes: unknown sandbox \"nope\"",
+                "group \"u\" sandboxes: sandbox \"pr-2\" is listed twice",
+            ]
+        );
+    }
+
+    #[test]
+    fn cross_object_rules() {
+        let mut state = state();
+        state.services.get_mut("b").unwrap().address = "10.96.0.1:80".parse().unwrap();
+        state.sandboxes.get_mut("pr-1").unwrap().routes.insert(
+            "zzz".into(),
+            Route {
+                fork: "10.0.0.1:1".parse().unwrap(),
+                on_fork_error: ForkErrorPolicy::Error,
+            },
+        );
+        let issues = state.validate().unwrap_err();
+        let fields: Vec<&str> = issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["service \"b\" address", "sandbox \"pr-1\" route \"zzz\""]
+        );
     }
 }

@@ -186,6 +186,8 @@ routes = [
         r#"[daemon]
 cgroup = "{cgroup}"
 bpffs = "{bpffs}"
+api_socket = "{api_socket}"
+state_file = "{state_file}"
 router_listen = "{ROUTER}"
 
 [router]
@@ -206,6 +208,8 @@ address = "{DB6}"
 {sandbox}"#,
         cgroup = node.cgroup().display(),
         bpffs = node.bpffs().join("redirector").display(),
+        api_socket = node.dir().join("api.sock").display(),
+        state_file = node.dir().join("state.json").display(),
     )
 }
 

@@ -12,7 +12,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use redirector_common::{
     FAMILY_V4, FAMILY_V6, MemberValue, RouteKey, SERVICE_HTTP_HANDOFF, ServiceKey, ServiceValue,
@@ -115,7 +115,7 @@ impl Ids {
             ids.services.insert(*key, value.service_id);
         }
         let mut taken = HashSet::new();
-        for sandbox in desired.sandboxes.values() {
+        for sandbox in desired.routing_keys() {
             let adopted = sandbox
                 .members
                 .iter()
@@ -151,6 +151,14 @@ impl Ids {
         id
     }
 
+    pub fn service_id(&self, key: &ServiceKey) -> Option<u32> {
+        self.services.get(key).copied()
+    }
+
+    pub fn sandbox_id(&self, key: &str) -> Option<u32> {
+        self.sandboxes.get(key).copied()
+    }
+
     fn service(&mut self, key: ServiceKey) -> u32 {
         let next = &mut self.next;
         *self
@@ -172,8 +180,9 @@ impl Ids {
     fn retain(&mut self, state: &KernelState, desired: &DesiredState) {
         self.services
             .retain(|key, _| state.services.contains_key(key));
-        self.sandboxes
-            .retain(|key, _| desired.sandboxes.contains_key(key));
+        self.sandboxes.retain(|key, _| {
+            desired.sandboxes.contains_key(key) || desired.groups.contains_key(key)
+        });
     }
 }
 
@@ -198,12 +207,10 @@ pub fn encode(
     handoff: Handoff,
 ) -> KernelState {
     let mut state = KernelState::default();
+    let keys = desired.routing_keys();
     // Only services that have a fork need an entry: everything else stays on the fast path.
     for service in desired.services.values() {
-        let forked = desired
-            .sandboxes
-            .values()
-            .any(|s| s.routes.contains_key(&service.name));
+        let forked = keys.iter().any(|s| s.routes.contains_key(&service.name));
         if !forked {
             continue;
         }
@@ -222,7 +229,7 @@ pub fn encode(
             .services
             .insert(key, ServiceValue { service_id, flags });
     }
-    for sandbox in desired.sandboxes.values() {
+    for sandbox in &keys {
         let sandbox_id = ids.sandbox(&sandbox.key);
         for path in &sandbox.members {
             if let Some(cookie) = cookies.get(path) {
@@ -260,6 +267,7 @@ pub struct Maps {
     pub members: BpfHashMap<MapData, u64, MemberValue>,
     pub routes: BpfHashMap<MapData, RouteKey, SockAddr>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub route_stats: PerCpuHashMap<MapData, RouteKey, u64>,
 }
 
 /// Per-event counters summed over CPUs, in `redirector_common::stats` order.
@@ -344,6 +352,19 @@ impl Maps {
         )?;
         remove_stale(&mut self.routes, "routes", &current.routes, &desired.routes)?;
         Ok(())
+    }
+
+    /// Connections steered per route since load, summed over CPUs.
+    pub fn route_counters(&self) -> Result<Vec<(RouteKey, u64)>, SyncError> {
+        self.route_stats
+            .iter()
+            .map(|entry| entry.map(|(key, values)| (key, values.iter().sum())))
+            .collect::<Result<_, MapError>>()
+            .map_err(|source| SyncError::Map {
+                map: "route_stats",
+                op: "read",
+                source,
+            })
     }
 
     pub fn counters(&self) -> Result<Counters, SyncError> {

@@ -21,7 +21,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, SockMap},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, SockMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError, PinnedLink},
@@ -50,7 +50,8 @@ const SOCK_OPS: &str = "handoff_sockops";
 const LINKS_DIR: &str = "links";
 
 /// The compiled kernel programs, built by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -98,7 +99,7 @@ pub enum LoadError {
 }
 
 /// What starting the kernel side did.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct AttachReport {
     pub adopted: Vec<&'static str>,
     pub attached: Vec<&'static str>,
@@ -248,6 +249,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
         members: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::MEMBERS)?,
         routes: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::ROUTES)?,
         stats: take::<PerCpuArray<MapData, _>>(ebpf, map_names::STATS)?,
+        route_stats: take::<PerCpuHashMap<MapData, _, _>>(ebpf, map_names::ROUTE_STATS)?,
     })
 }
 

@@ -28,7 +28,9 @@ use self::{
     upstream::{PoolSettings, Upstreams},
 };
 pub use self::{stats::RouterStats, table::RouteTable, upstream::ROUTER_MARK};
-use crate::{config::RouterSettings, kernel::maps::sock_addr, routing_key::Carriers};
+use crate::{
+    config::RouterSettings, kernel::maps::sock_addr, metrics::Metrics, routing_key::Carriers,
+};
 
 /// How often the router tells the kernel it is alive; well under `ROUTER_STALE_NS`.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
@@ -68,6 +70,7 @@ impl Router {
         settings: &RouterSettings,
         table: Arc<ArcSwap<RouteTable>>,
         maps: RouterMaps,
+        metrics: Arc<Metrics>,
     ) -> Result<Router, RouterError> {
         let RouterMaps {
             orig_dst,
@@ -102,6 +105,7 @@ impl Router {
             }),
             upstream_header: settings.upstream_header.clone(),
             stats: stats.clone(),
+            metrics,
         });
         let server = Arc::new(server_builder(settings));
         let orig_dst = Arc::new(OrigDst::new(orig_dst));

@@ -3,7 +3,7 @@
 //!
 //! Requests and responses stream through untouched (headers included, so the key keeps
 //! propagating downstream); the router adds at most one response header naming the upstream.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -15,10 +15,14 @@ use tracing::{debug, warn};
 
 use super::{
     stats::RouterStats,
-    table::{Decision, RouteTable},
+    table::{BaselineWhy, Decision, RouteTable},
     upstream::{SendError, UpstreamError, Upstreams},
 };
-use crate::{routing_key::Carriers, state::ForkErrorPolicy};
+use crate::{
+    metrics::{Metrics, outcome},
+    routing_key::Carriers,
+    state::ForkErrorPolicy,
+};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
@@ -31,6 +35,7 @@ pub struct Proxy {
     pub upstreams: Upstreams,
     pub upstream_header: Option<HeaderName>,
     pub stats: Arc<RouterStats>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Which upstream served a request, for the optional response header.
@@ -63,27 +68,49 @@ impl Served<'_> {
 }
 
 impl Proxy {
-    /// Routes one request that arrived on a connection originally dialed to `dialed`.
+    /// Routes one request that arrived on a connection originally dialed to `dialed`, and
+    /// records how it went.
     pub async fn handle(
         self: Arc<Self>,
         dialed: SocketAddr,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
+        let (response, sandbox, outcome) = self.route(dialed, req).await;
+        self.metrics.request(&sandbox, outcome, started.elapsed());
+        Ok(response)
+    }
+
+    async fn route(
+        &self,
+        dialed: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> (Response<ProxyBody>, String, &'static str) {
         let key = self.carriers.extract(req.headers());
         let decision = self.table.load().decide(dialed, &key);
         // Taken before forwarding: the extension does not travel with the request.
         let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
 
-        let (target, fork) = match &decision {
+        let (target, fork, mut outcome) = match &decision {
             Decision::Fork { key, fork, .. } => {
                 RouterStats::bump(&self.stats.to_fork);
-                (fork.addr, Some((key.as_str(), fork.on_error)))
+                (
+                    fork.addr,
+                    Some((key.as_str(), fork.on_error)),
+                    outcome::FORK,
+                )
             }
             Decision::Baseline { why } => {
                 self.stats.baseline(*why);
-                (dialed, None)
+                let outcome = if *why == BaselineWhy::InvalidKey {
+                    outcome::INVALID_KEY
+                } else {
+                    outcome::BASELINE
+                };
+                (dialed, None, outcome)
             }
         };
+        let sandbox = fork.map_or_else(String::new, |(key, _)| key.to_owned());
 
         let (mut response, served) = match self.upstreams.send(target, req).await {
             Ok(response) => {
@@ -100,14 +127,21 @@ impl Proxy {
                 && matches!(fork, Some((_, ForkErrorPolicy::Baseline))) =>
             {
                 RouterStats::bump(&self.stats.fork_fallback);
+                outcome = outcome::FORK_FALLBACK;
                 let key = fork.map_or("", |(key, _)| key);
                 warn!(%error, key, baseline = %dialed, "fork unreachable; sending to the baseline");
                 match self.upstreams.send(dialed, req).await {
                     Ok(response) => (response, Served::Fallback { key, addr: dialed }),
-                    Err(SendError { error, .. }) => return Ok(self.failure(&error, false)),
+                    Err(SendError { error, .. }) => {
+                        let (response, outcome) = self.failure(&error, false);
+                        return (response, sandbox, outcome);
+                    }
                 }
             }
-            Err(SendError { error, .. }) => return Ok(self.failure(&error, fork.is_some())),
+            Err(SendError { error, .. }) => {
+                let (response, outcome) = self.failure(&error, fork.is_some());
+                return (response, sandbox, outcome);
+            }
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -121,22 +155,24 @@ impl Proxy {
         {
             response.headers_mut().insert(name.clone(), value);
         }
-        Ok(response.map(Either::Left))
+        (response.map(Either::Left), sandbox, outcome)
     }
 
-    /// The router's own answer when the upstream could not give one.
-    fn failure(&self, error: &UpstreamError, to_fork: bool) -> Response<ProxyBody> {
+    /// The router's own answer when the upstream could not give one, and its outcome label.
+    fn failure(&self, error: &UpstreamError, to_fork: bool) -> (Response<ProxyBody>, &'static str) {
         let (status, cause) = match error {
             UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout"),
             e if e.is_unreachable() && to_fork => (StatusCode::BAD_GATEWAY, "fork-unreachable"),
             e if e.is_unreachable() => (StatusCode::BAD_GATEWAY, "upstream-unreachable"),
             _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
         };
-        if cause == "fork-unreachable" {
+        let outcome = if cause == "fork-unreachable" {
             RouterStats::bump(&self.stats.fork_error);
+            outcome::FORK_ERROR
         } else {
             RouterStats::bump(&self.stats.upstream_errors);
-        }
+            outcome::UPSTREAM_ERROR
+        };
         debug!(%error, cause, "answering for the upstream");
         let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
             "redirector: {cause}: {error}\n"
@@ -145,7 +181,7 @@ impl Proxy {
         let headers = response.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(cause));
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        response
+        (response, outcome)
     }
 }
 

@@ -54,13 +54,13 @@ pub enum BaselineWhy {
 impl RouteTable {
     pub fn from_state(state: &DesiredState) -> RouteTable {
         let mut services: HashMap<SocketAddr, ServiceRoutes> = HashMap::new();
+        let keys = state.routing_keys();
         for service in state.services.values() {
             if service.protocol != Protocol::Http {
                 continue;
             }
-            let forks: HashMap<String, Fork> = state
-                .sandboxes
-                .values()
+            let forks: HashMap<String, Fork> = keys
+                .iter()
                 .filter_map(|sandbox| {
                     let route = sandbox.routes.get(&service.name)?;
                     Some((

@@ -109,6 +109,8 @@ impl L7 {
             r#"[daemon]
 cgroup = "{cgroup}"
 bpffs = "{bpffs}"
+api_socket = "{api_socket}"
+state_file = "{state_file}"
 router_listen = ["{ROUTER4}", "{ROUTER6}"]
 
 [router]
@@ -145,6 +147,8 @@ routes = [
 "#,
             cgroup = self.node.cgroup().display(),
             bpffs = self.node.bpffs().join("redirector").display(),
+            api_socket = self.node.dir().join("api.sock").display(),
+            state_file = self.node.dir().join("state.json").display(),
             member = self.member.netns_path().display(),
         )
     }

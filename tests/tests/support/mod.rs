@@ -75,6 +75,10 @@ impl Cluster {
         })
     }
 
+    pub fn api_socket(&self) -> PathBuf {
+        self.node.dir().join("api.sock")
+    }
+
     pub fn pin_dir(&self) -> PathBuf {
         self.node.bpffs().join("redirector")
     }
@@ -99,6 +103,8 @@ impl Cluster {
             r#"[daemon]
 cgroup = "{cgroup}"
 bpffs = "{bpffs}"
+api_socket = "{api_socket}"
+state_file = "{state_file}"
 
 [[service]]
 name = "svc-a"
@@ -130,6 +136,8 @@ members = ["{member}"]
 "#,
             cgroup = self.node.cgroup().display(),
             bpffs = self.pin_dir().display(),
+            api_socket = self.api_socket().display(),
+            state_file = self.node.dir().join("state.json").display(),
             member = self.member.netns_path().display(),
         )
     }

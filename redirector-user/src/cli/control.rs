@@ -1,0 +1,489 @@
+//! CLI commands that talk to the running daemon through its API socket.
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use http::Method;
+use serde_json::{Value, json};
+
+use super::{Output, SOCKET_HELP, render};
+use crate::{
+    api::{
+        client,
+        types::{ApplyRequest, GroupSpec, RouteSpec, SandboxSpec, ServiceSpec, StateSpec},
+    },
+    config,
+    state::{ForkErrorPolicy, Protocol},
+};
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", env = "REDIRECTOR_SOCKET", default_value = SOCKET_HELP, global = true)]
+    pub socket: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "FILE is JSON ({\"services\": [...], \"sandboxes\": [...], \"groups\": [...]}) \
+                        or TOML with [[service]], [[sandbox]] and [[group]] tables as in the \
+                        config file.\n\nExample:\n  redirector apply -f sandboxes.toml --prune"
+)]
+pub struct ApplyArgs {
+    /// File with the objects to create or replace.
+    #[arg(short, long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Also delete objects created through the API that the file does not list.
+    #[arg(long)]
+    pub prune: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `SERVICE=FORK` on the command line.
+#[derive(Debug, Clone)]
+pub struct RouteArg {
+    pub service: String,
+    pub fork: String,
+}
+
+fn parse_route(s: &str) -> Result<RouteArg, String> {
+    let (service, fork) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected SERVICE=FORK, e.g. svc-a=10.0.1.7:8080"))?;
+    if service.is_empty() || fork.is_empty() {
+        return Err(format!("{s:?}: expected SERVICE=FORK"));
+    }
+    Ok(RouteArg {
+        service: service.to_owned(),
+        fork: fork.to_owned(),
+    })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Create (or replace) a sandbox.
+    #[command(after_help = "Example:\n  redirector sandbox create pr-123 \
+                            --member /run/netns/pr-123-tests --route svc-a=10.0.1.7:8080")]
+    Create(SandboxCreateArgs),
+    /// Delete a sandbox and its routes.
+    Delete(KeyArgs),
+    /// List sandboxes.
+    #[command(alias = "ls")]
+    List(ApiArgs),
+    /// Show one sandbox.
+    Get(KeyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxCreateArgs {
+    /// Routing key (1-63 of [A-Za-z0-9._-]).
+    pub key: String,
+    /// Network namespace of a member pod (repeatable), e.g. /run/netns/NAME or /proc/PID/ns/net.
+    #[arg(long = "member", value_name = "NETNS")]
+    pub members: Vec<PathBuf>,
+    /// A route, SERVICE=FORK (repeatable).
+    #[arg(long = "route", value_name = "SERVICE=FORK", value_parser = parse_route)]
+    pub routes: Vec<RouteArg>,
+    /// What the node router does when a fork is down.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Error)]
+    pub on_fork_error: PolicyArg,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PolicyArg {
+    /// Answer 502.
+    Error,
+    /// Send the request to the baseline.
+    Baseline,
+}
+
+impl From<PolicyArg> for ForkErrorPolicy {
+    fn from(p: PolicyArg) -> Self {
+        match p {
+            PolicyArg::Error => ForkErrorPolicy::Error,
+            PolicyArg::Baseline => ForkErrorPolicy::Baseline,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    pub key: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Route a service of a sandbox to a fork (replaces an existing route).
+    #[command(
+        after_help = "Example:\n  redirector route add pr-123 svc-a 10.0.1.7:8080 --on-fork-error baseline"
+    )]
+    Add(RouteAddArgs),
+    /// Remove a route.
+    #[command(alias = "remove")]
+    Rm(RouteRmArgs),
+    /// List routes, of one sandbox or all.
+    #[command(alias = "list")]
+    Ls(RouteLsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RouteAddArgs {
+    pub sandbox: String,
+    pub service: String,
+    /// Fork endpoint, ADDRESS:PORT.
+    pub fork: String,
+    #[arg(long, value_enum, default_value_t = PolicyArg::Error)]
+    pub on_fork_error: PolicyArg,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RouteRmArgs {
+    pub sandbox: String,
+    pub service: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RouteLsArgs {
+    pub sandbox: Option<String>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create (or replace) a route group.
+    #[command(
+        after_help = "Example:\n  redirector group create pr-123-and-456 --sandbox pr-123 --sandbox pr-456"
+    )]
+    Create(GroupCreateArgs),
+    /// Delete a route group (its sandboxes stay).
+    Delete(KeyArgs),
+    /// List route groups.
+    #[command(alias = "ls")]
+    List(ApiArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GroupCreateArgs {
+    /// The group's own routing key.
+    pub key: String,
+    /// A sandbox of the group (repeatable; at least one).
+    #[arg(long = "sandbox", value_name = "KEY", required = true)]
+    pub sandboxes: Vec<String>,
+    /// Network namespace of a member pod of the group (repeatable).
+    #[arg(long = "member", value_name = "NETNS")]
+    pub members: Vec<PathBuf>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Declare (or replace) a service.
+    #[command(
+        after_help = "Example:\n  redirector service create svc-a 10.96.0.10:8080 --protocol http"
+    )]
+    Create(ServiceCreateArgs),
+    /// Delete a service (no route may use it).
+    Delete(KeyArgs),
+    /// List services.
+    #[command(alias = "ls")]
+    List(ApiArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceCreateArgs {
+    pub name: String,
+    /// ADDRESS:PORT the pods dial (a ClusterIP or pod IP).
+    pub address: String,
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
+    pub protocol: ProtocolArg,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProtocolArg {
+    Tcp,
+    Udp,
+    Http,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Tcp => Protocol::Tcp,
+            ProtocolArg::Udp => Protocol::Udp,
+            ProtocolArg::Http => Protocol::Http,
+        }
+    }
+}
+
+/// An API failure the CLI reports (exit 1); unreachable daemons surface as
+/// `client::ClientError` (exit 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    pub message: String,
+}
+
+/// Calls the API; a refusal becomes an error carrying the daemon's explanation.
+async fn call(
+    api: &ApiArgs,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
+    let (status, value) = client::call(&api.socket, method, path, body.as_ref()).await?;
+    if status.is_success() {
+        return Ok(value);
+    }
+    let error = &value["error"];
+    let mut message = error["message"]
+        .as_str()
+        .map_or_else(|| format!("the daemon answered {status}"), str::to_owned);
+    if let Some(issues) = error["issues"].as_array().filter(|i| i.len() > 1) {
+        for issue in issues {
+            message.push_str(&format!(
+                "\n  {}: {}",
+                issue["field"].as_str().unwrap_or("?"),
+                issue["message"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    Err(Refused { message }.into())
+}
+
+fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn print(
+    api: &ApiArgs,
+    value: &Value,
+    table: impl FnOnce(&Value) -> String,
+) -> anyhow::Result<ExitCode> {
+    match api.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => print!("{}", table(value)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn done(api: &ApiArgs, value: &Value, what: String) -> anyhow::Result<ExitCode> {
+    print(api, value, |v| {
+        format!(
+            "{what} (now {} services, {} sandboxes, {} groups, {} routes)\n",
+            v["services"], v["sandboxes"], v["groups"], v["routes"]
+        )
+    })
+}
+
+pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let mut request: ApplyRequest = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", args.file.display()))?
+    } else {
+        let parsed = config::parse(&text).map_err(|errors| config::ConfigError::Invalid {
+            path: args.file.clone(),
+            errors,
+        })?;
+        ApplyRequest {
+            state: StateSpec::from_state(&parsed.state),
+            prune: false,
+        }
+    };
+    request.prune |= args.prune;
+    let body = serde_json::to_value(&request)?;
+    let value = call(&args.api, Method::POST, "/v1/apply", Some(body)).await?;
+    let listed =
+        request.state.services.len() + request.state.sandboxes.len() + request.state.groups.len();
+    done(
+        &args.api,
+        &value,
+        format!("applied {listed} objects from {}", args.file.display()),
+    )
+}
+
+pub async fn sandbox(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SandboxCommand::Create(args) => {
+            let spec = SandboxSpec {
+                key: args.key.clone(),
+                members: args.members,
+                routes: args
+                    .routes
+                    .into_iter()
+                    .map(|r| RouteSpec {
+                        service: r.service,
+                        fork: r.fork,
+                        on_fork_error: args.on_fork_error.into(),
+                    })
+                    .collect(),
+            };
+            let path = format!("/v1/sandboxes/{}", segment(&args.key));
+            let value = call(
+                &args.api,
+                Method::PUT,
+                &path,
+                Some(serde_json::to_value(spec)?),
+            )
+            .await?;
+            done(&args.api, &value, format!("sandbox {} created", args.key))
+        }
+        SandboxCommand::Delete(args) => {
+            let path = format!("/v1/sandboxes/{}", segment(&args.key));
+            let value = call(&args.api, Method::DELETE, &path, None).await?;
+            done(&args.api, &value, format!("sandbox {} deleted", args.key))
+        }
+        SandboxCommand::List(api) => {
+            let value = call(&api, Method::GET, "/v1/sandboxes", None).await?;
+            print(&api, &value, render::sandboxes)
+        }
+        SandboxCommand::Get(args) => {
+            let path = format!("/v1/sandboxes/{}", segment(&args.key));
+            let value = call(&args.api, Method::GET, &path, None).await?;
+            print(&args.api, &json!([value]), render::sandboxes)
+        }
+    }
+}
+
+pub async fn route(cmd: RouteCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RouteCommand::Add(args) => {
+            let spec = RouteSpec {
+                service: args.service.clone(),
+                fork: args.fork.clone(),
+                on_fork_error: args.on_fork_error.into(),
+            };
+            let path = format!(
+                "/v1/sandboxes/{}/routes/{}",
+                segment(&args.sandbox),
+                segment(&args.service)
+            );
+            let value = call(
+                &args.api,
+                Method::PUT,
+                &path,
+                Some(serde_json::to_value(spec)?),
+            )
+            .await?;
+            done(
+                &args.api,
+                &value,
+                format!(
+                    "route {} {} -> {} added",
+                    args.sandbox, args.service, args.fork
+                ),
+            )
+        }
+        RouteCommand::Rm(args) => {
+            let path = format!(
+                "/v1/sandboxes/{}/routes/{}",
+                segment(&args.sandbox),
+                segment(&args.service)
+            );
+            let value = call(&args.api, Method::DELETE, &path, None).await?;
+            done(
+                &args.api,
+                &value,
+                format!("route {} {} removed", args.sandbox, args.service),
+            )
+        }
+        RouteCommand::Ls(args) => {
+            let path = match &args.sandbox {
+                Some(key) => format!("/v1/sandboxes/{}/routes", segment(key)),
+                None => "/v1/routes".to_owned(),
+            };
+            let value = call(&args.api, Method::GET, &path, None).await?;
+            print(&args.api, &value, render::routes)
+        }
+    }
+}
+
+pub async fn group(cmd: GroupCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        GroupCommand::Create(args) => {
+            let spec = GroupSpec {
+                key: args.key.clone(),
+                sandboxes: args.sandboxes,
+                members: args.members,
+            };
+            let path = format!("/v1/groups/{}", segment(&args.key));
+            let value = call(
+                &args.api,
+                Method::PUT,
+                &path,
+                Some(serde_json::to_value(spec)?),
+            )
+            .await?;
+            done(&args.api, &value, format!("group {} created", args.key))
+        }
+        GroupCommand::Delete(args) => {
+            let path = format!("/v1/groups/{}", segment(&args.key));
+            let value = call(&args.api, Method::DELETE, &path, None).await?;
+            done(&args.api, &value, format!("group {} deleted", args.key))
+        }
+        GroupCommand::List(api) => {
+            let value = call(&api, Method::GET, "/v1/groups", None).await?;
+            print(&api, &value, render::groups)
+        }
+    }
+}
+
+pub async fn service(cmd: ServiceCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ServiceCommand::Create(args) => {
+            let spec = ServiceSpec {
+                name: args.name.clone(),
+                address: args.address,
+                protocol: args.protocol.into(),
+            };
+            let path = format!("/v1/services/{}", segment(&args.name));
+            let value = call(
+                &args.api,
+                Method::PUT,
+                &path,
+                Some(serde_json::to_value(spec)?),
+            )
+            .await?;
+            done(&args.api, &value, format!("service {} created", args.name))
+        }
+        ServiceCommand::Delete(args) => {
+            let path = format!("/v1/services/{}", segment(&args.key));
+            let value = call(&args.api, Method::DELETE, &path, None).await?;
+            done(&args.api, &value, format!("service {} deleted", args.key))
+        }
+        ServiceCommand::List(api) => {
+            let value = call(&api, Method::GET, "/v1/services", None).await?;
+            print(&api, &value, render::services)
+        }
+    }
+}
+
+pub async fn status(api: ApiArgs) -> anyhow::Result<ExitCode> {
+    let value = call(&api, Method::GET, "/v1/status", None).await?;
+    print(&api, &value, render::status)
+}
+
+pub async fn stats(api: ApiArgs) -> anyhow::Result<ExitCode> {
+    let value = call(&api, Method::GET, "/v1/stats", None).await?;
+    if value.is_null() {
+        bail!("the daemon returned no stats");
+    }
+    print(&api, &value, render::stats)
+}

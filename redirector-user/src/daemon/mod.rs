@@ -1,0 +1,440 @@
+//! `redirector run`: the node daemon.
+//!
+//! Starts the kernel side (adopting whatever a previous run pinned) and the node router, makes
+//! the maps match the desired state, then keeps them matching. The desired state is the config
+//! file merged with the objects created through the local API (kept in the state file across
+//! restarts). This loop is the only writer: file reloads (SIGHUP, content change) and API calls
+//! are handled one at a time, each applied whole or not at all.
+mod persist;
+mod status;
+mod sync;
+mod watch;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow};
+use arc_swap::ArcSwap;
+use http::StatusCode;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use self::{sync::Sync, watch::WatchedFile};
+use crate::{
+    api::{
+        control::{self, Mutation},
+        server::{self as api_server, Call, Request},
+        types::{ApiError, StateSpec},
+    },
+    config::{self, Config, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_STATE_FILE},
+    kernel::{
+        maps::{Handoff, SyncError},
+        prereq,
+        programs::{self, AttachReport},
+    },
+    metrics::{self, Metrics},
+    router::{RouteTable, Router, RouterMaps},
+    state::{DesiredState, Protocol},
+};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub bpffs: Option<PathBuf>,
+    pub api_socket: Option<PathBuf>,
+    pub state_file: Option<PathBuf>,
+    pub cleanup_on_exit: bool,
+    pub poll_interval: Duration,
+}
+
+/// Where the daemon attaches, pins, listens and keeps state: flags win over the file, then
+/// defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub api_socket: PathBuf,
+    pub state_file: PathBuf,
+}
+
+impl Placement {
+    pub fn resolve(opts: &RunOptions, config: &Config) -> anyhow::Result<Placement> {
+        let cgroup = opts
+            .cgroup
+            .clone()
+            .or_else(|| config.daemon.cgroup.clone())
+            .ok_or_else(|| {
+                anyhow!(
+                    "no attach cgroup: set `cgroup` in the [daemon] table of {} or pass --cgroup",
+                    opts.config.display()
+                )
+            })?;
+        let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>, default: &str| {
+            flag.clone()
+                .or_else(|| file.clone())
+                .unwrap_or_else(|| PathBuf::from(default))
+        };
+        Ok(Placement {
+            cgroup,
+            bpffs: pick(&opts.bpffs, &config.daemon.bpffs, DEFAULT_BPFFS),
+            api_socket: pick(
+                &opts.api_socket,
+                &config.daemon.api_socket,
+                DEFAULT_API_SOCKET,
+            ),
+            state_file: pick(
+                &opts.state_file,
+                &config.daemon.state_file,
+                DEFAULT_STATE_FILE,
+            ),
+        })
+    }
+}
+
+/// The running daemon: what it was told, and what it holds.
+struct Daemon {
+    opts: RunOptions,
+    placement: Placement,
+    /// The config file as last accepted.
+    file: Config,
+    /// Objects created through the API.
+    api: DesiredState,
+    /// `file` and `api` together: what the kernel and the router hold.
+    merged: DesiredState,
+    sync: Sync,
+    report: AttachReport,
+    router: Option<Router>,
+    metrics: Arc<Metrics>,
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    prereq::check_root()?;
+    let file = config::load(&opts.config)?;
+    let placement = Placement::resolve(&opts, &file)?;
+    prereq::check_cgroup(&placement.cgroup)?;
+    prereq::check_bpffs(&placement.bpffs)?;
+
+    // Bind the API before touching the kernel: a second daemon on the same socket stops here.
+    let api_listener = api_server::bind(&placement.api_socket)
+        .with_context(|| format!("cannot serve the API on {}", placement.api_socket.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let metrics_listener = match file.daemon.metrics_listen {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let (mut kernel, report) = programs::start(&placement.cgroup, &placement.bpffs)
+        .context("starting the kernel programs")?;
+    info!(
+        cgroup = %placement.cgroup.display(),
+        bpffs = %placement.bpffs.display(),
+        attached = ?report.attached,
+        adopted = ?report.adopted,
+        "programs in place"
+    );
+    for stale in &report.detached {
+        info!(pins = %stale.display(), "detached programs of a cgroup no longer configured");
+    }
+
+    let api = load_api_state(&placement.state_file, &file.state);
+    let merged = control::merge(&file.state, &api).unwrap_or_else(|_| file.state.clone());
+
+    let table = Arc::new(ArcSwap::from_pointee(RouteTable::from_state(&merged)));
+    let router = start_router(&file, &mut kernel, table.clone(), metrics.clone()).await?;
+    let handoff = Handoff {
+        v4: router.is_some() && file.router.listen.iter().any(SocketAddr::is_ipv4),
+        v6: router.is_some() && file.router.listen.iter().any(SocketAddr::is_ipv6),
+    };
+    let mut sync = Sync::new(kernel, table, handoff);
+    let applied = sync.apply(&merged).context("applying the desired state")?;
+
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+    let api_task = tokio::spawn(api_server::serve(api_listener, calls_tx.clone()));
+    let metrics_task = metrics_listener
+        .map(|listener| tokio::spawn(metrics::serve(listener, metrics.clone(), calls_tx.clone())));
+    drop(calls_tx);
+    info!(
+        config = %opts.config.display(),
+        api = %placement.api_socket.display(),
+        services = merged.services.len(),
+        sandboxes = merged.sandboxes.len(),
+        groups = merged.groups.len(),
+        routes = merged.route_count(),
+        members = applied.members,
+        "ready"
+    );
+
+    let mut daemon = Daemon {
+        opts,
+        placement,
+        file,
+        api,
+        merged,
+        sync,
+        report,
+        router,
+        metrics,
+    };
+    let result = daemon.serve(&mut calls).await;
+
+    api_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&daemon.placement.api_socket);
+    daemon.shutdown().await;
+    result
+}
+
+/// The API-created objects saved by an earlier run, if they still fit the config file.
+fn load_api_state(state_file: &Path, file: &DesiredState) -> DesiredState {
+    let spec = match persist::load(state_file) {
+        Ok(Some(spec)) => spec,
+        Ok(None) => return DesiredState::default(),
+        Err(err) => {
+            let aside = persist::quarantine(state_file);
+            error!(error = %err, moved_to = ?aside, "state file unreadable; starting without API objects");
+            return DesiredState::default();
+        }
+    };
+    let api = match spec.to_state() {
+        Ok(api) => api,
+        Err(issues) => {
+            error!(
+                ?issues,
+                "state file holds invalid objects; starting without API objects"
+            );
+            return DesiredState::default();
+        }
+    };
+    match control::merge(file, &api) {
+        Ok(_) => {
+            info!(
+                services = api.services.len(),
+                sandboxes = api.sandboxes.len(),
+                groups = api.groups.len(),
+                state_file = %state_file.display(),
+                "restored objects created through the API"
+            );
+            api
+        }
+        Err(err) => {
+            // Keep the file as it is: fixing the config and restarting brings them back.
+            error!(error = %err, ?err.issues, state_file = %state_file.display(),
+                "objects created through the API no longer fit the config file; \
+                 starting without them (the state file is kept)");
+            DesiredState::default()
+        }
+    }
+}
+
+async fn start_router(
+    file: &Config,
+    kernel: &mut programs::Kernel,
+    table: Arc<ArcSwap<RouteTable>>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Option<Router>> {
+    if file.router.listen.is_empty() {
+        if file
+            .state
+            .services
+            .values()
+            .any(|s| s.protocol == Protocol::Http)
+        {
+            info!("no daemon.router_listen: HTTP services get L4 steering only");
+        }
+        return Ok(None);
+    }
+    let maps = match (
+        kernel.orig_dst.take(),
+        kernel.router.take(),
+        kernel.router_sockets.take(),
+    ) {
+        (Some(orig_dst), Some(config), Some(sockets)) => RouterMaps {
+            orig_dst,
+            config,
+            sockets,
+        },
+        _ => return Ok(None),
+    };
+    let router = Router::start(&file.router, table, maps, metrics)
+        .await
+        .context("starting the node router")?;
+    Ok(Some(router))
+}
+
+impl Daemon {
+    /// Reacts to SIGHUP, file changes, API calls and termination until asked to stop.
+    async fn serve(&mut self, calls: &mut mpsc::Receiver<Call>) -> anyhow::Result<()> {
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut tick = tokio::time::interval(self.opts.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut file = WatchedFile::new(&self.opts.config);
+
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => self.reload("SIGHUP"),
+                _ = tick.tick() => {
+                    if file.changed() {
+                        self.reload("file changed");
+                    } else if self.sync.unresolved_members > 0 {
+                        // A member pod's namespace may have appeared since; retry quietly.
+                        if let Err(err) = self.sync.apply(&self.merged) {
+                            warn!(error = %err, "retrying members failed");
+                        }
+                    }
+                }
+                Some(call) = calls.recv() => {
+                    let answer = self.answer(call.request);
+                    let _ = call.reply.send(answer);
+                }
+                _ = terminate.recv() => return Ok(()),
+                _ = interrupt.recv() => return Ok(()),
+            }
+        }
+    }
+
+    fn answer(&mut self, request: Request) -> Result<serde_json::Value, ApiError> {
+        match request {
+            Request::Query(query) => status::query(self, query),
+            Request::Mutate(mutation) => {
+                let result = self.mutate(mutation);
+                self.metrics.api_change(match &result {
+                    Ok(_) => "ok",
+                    Err(e) if e.status.is_server_error() => "failed",
+                    Err(_) => "rejected",
+                });
+                result
+            }
+        }
+    }
+
+    /// Applies one API change whole, or nothing of it.
+    fn mutate(&mut self, mutation: Mutation) -> Result<serde_json::Value, ApiError> {
+        let described = format!("{mutation:?}");
+        let next_api = control::plan(&self.file.state, &self.api, mutation)?;
+        let merged = control::merge(&self.file.state, &next_api)?;
+        self.sync.apply(&merged).map_err(|err| match err {
+            err @ SyncError::MapFull { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "map_full",
+                err.to_string(),
+            ),
+            err => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "kernel_write_failed",
+                format!("{err}; the next change retries"),
+            ),
+        })?;
+        if let Err(err) = persist::save(
+            &self.placement.state_file,
+            &StateSpec::from_state(&next_api),
+        ) {
+            // Not durable means not done: put the kernel back as it was.
+            if let Err(revert) = self.sync.apply(&self.merged) {
+                error!(error = %revert, "reverting after a failed save failed too");
+            }
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "persist_failed",
+                err.to_string(),
+            ));
+        }
+        self.api = next_api;
+        self.merged = merged;
+        info!(change = %described, "API change applied");
+        Ok(status::summary(&self.merged))
+    }
+
+    fn reload(&mut self, reason: &str) {
+        match self.try_reload(reason) {
+            Ok(()) => self.metrics.reload("ok"),
+            Err(ReloadError::Rejected(err)) => {
+                self.metrics.reload("rejected");
+                error!(reason, error = %format!("{err:#}"), "reload rejected; running state unchanged")
+            }
+            Err(ReloadError::Partial(err)) => {
+                self.metrics.reload("failed");
+                error!(reason, error = %format!("{err:#}"),
+                    "reload failed part way; the kernel holds a mix of old and new state, the next reload retries")
+            }
+        }
+    }
+
+    fn try_reload(&mut self, reason: &str) -> Result<(), ReloadError> {
+        let config =
+            config::load(&self.opts.config).map_err(|e| ReloadError::Rejected(e.into()))?;
+        let wanted = Placement::resolve(&self.opts, &config).map_err(ReloadError::Rejected)?;
+        if wanted != self.placement
+            || config.router != self.file.router
+            || config.daemon.metrics_listen != self.file.daemon.metrics_listen
+        {
+            warn!(
+                "[daemon] settings and [router] take effect on restart; services, sandboxes, \
+                 groups and routes apply now"
+            );
+        }
+        let merged = control::merge(&config.state, &self.api)
+            .map_err(|e| ReloadError::Rejected(anyhow!("{e} {:?}", e.issues)))?;
+        let applied = self.sync.apply(&merged).map_err(|err| match err {
+            err @ SyncError::MapFull { .. } => ReloadError::Rejected(err.into()),
+            err => ReloadError::Partial(err.into()),
+        })?;
+        info!(
+            reason,
+            services = merged.services.len(),
+            sandboxes = merged.sandboxes.len(),
+            groups = merged.groups.len(),
+            routes = merged.route_count(),
+            members = applied.members,
+            changed = applied.changed,
+            "reload applied"
+        );
+        self.file = config;
+        self.merged = merged;
+        Ok(())
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(router) = self.router.take() {
+            info!(counters = ?router.stats.snapshot(), "node router counters");
+            router.shutdown().await;
+        }
+        match self.sync.kernel.maps.counters() {
+            Ok(counters) => info!(?counters, "kernel counters (all CPUs, since load)"),
+            Err(err) => warn!(error = %err, "cannot read kernel counters"),
+        }
+        if self.opts.cleanup_on_exit {
+            let bpffs = self.placement.bpffs.clone();
+            drop(self);
+            match programs::uninstall(&bpffs) {
+                Ok(_) => info!(bpffs = %bpffs.display(), "detached and removed all pins"),
+                Err(err) => error!(bpffs = %bpffs.display(), error = %err, "cleanup failed"),
+            }
+        } else {
+            info!("exiting; steering stays in place (pinned), `redirector uninstall` removes it");
+        }
+    }
+}
+
+/// Why a reload did not take effect.
+enum ReloadError {
+    /// Nothing was written: the file or the state it describes is invalid.
+    Rejected(anyhow::Error),
+    /// Writing the maps failed after it started.
+    Partial(anyhow::Error),
+}

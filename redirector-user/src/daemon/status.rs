@@ -1,0 +1,264 @@
+//! Answers to the API's read-only questions, built from what the daemon holds.
+use std::collections::HashMap;
+
+use redirector_common::{RouteKey, map_sizes};
+use serde_json::{Value, json};
+
+use super::Daemon;
+use crate::{
+    api::{
+        server::Query,
+        types::{ApiError, GroupSpec, Origin, Owned, RouteSpec, SandboxSpec, ServiceSpec},
+    },
+    kernel::{maps::service_key, programs::HOOKS},
+    state::DesiredState,
+};
+
+pub(super) fn query(daemon: &Daemon, query: Query) -> Result<Value, ApiError> {
+    let merged = &daemon.merged;
+    let origin = |in_file: bool| if in_file { Origin::File } else { Origin::Api };
+    let file = &daemon.file.state;
+    let value = match query {
+        Query::Status => status(daemon),
+        Query::Stats => stats(daemon),
+        Query::RefreshMetrics => {
+            refresh_metrics(daemon);
+            Value::Null
+        }
+        Query::Services => to_json(
+            merged
+                .services
+                .values()
+                .map(|s| Owned {
+                    spec: ServiceSpec::from_state(s),
+                    origin: origin(file.services.contains_key(&s.name)),
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Query::Service(name) => {
+            let s = merged
+                .services
+                .get(&name)
+                .ok_or_else(|| ApiError::not_found(format!("service {name:?}")))?;
+            to_json(Owned {
+                spec: ServiceSpec::from_state(s),
+                origin: origin(file.services.contains_key(&name)),
+            })
+        }
+        Query::Sandboxes => to_json(
+            merged
+                .sandboxes
+                .values()
+                .map(|s| Owned {
+                    spec: SandboxSpec::from_state(s),
+                    origin: origin(file.sandboxes.contains_key(&s.key)),
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Query::Sandbox(key) => {
+            let s = merged
+                .sandboxes
+                .get(&key)
+                .ok_or_else(|| ApiError::not_found(format!("sandbox {key:?}")))?;
+            to_json(Owned {
+                spec: SandboxSpec::from_state(s),
+                origin: origin(file.sandboxes.contains_key(&key)),
+            })
+        }
+        Query::Routes(sandbox) => {
+            if let Some(key) = &sandbox
+                && !merged.sandboxes.contains_key(key)
+            {
+                return Err(ApiError::not_found(format!("sandbox {key:?}")));
+            }
+            let routes: Vec<Value> = merged
+                .sandboxes
+                .values()
+                .filter(|s| sandbox.as_ref().is_none_or(|k| *k == s.key))
+                .flat_map(|s| {
+                    let origin = origin(file.sandboxes.contains_key(&s.key));
+                    s.routes.iter().map(move |(service, route)| {
+                        let mut value = to_json(RouteSpec::from_state(service, route));
+                        value["sandbox"] = json!(s.key);
+                        value["origin"] = to_json(origin);
+                        value
+                    })
+                })
+                .collect();
+            Value::Array(routes)
+        }
+        Query::Groups => to_json(
+            merged
+                .groups
+                .values()
+                .map(|g| Owned {
+                    spec: GroupSpec::from_state(g),
+                    origin: origin(file.groups.contains_key(&g.key)),
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Query::Group(key) => {
+            let g = merged
+                .groups
+                .get(&key)
+                .ok_or_else(|| ApiError::not_found(format!("group {key:?}")))?;
+            to_json(Owned {
+                spec: GroupSpec::from_state(g),
+                origin: origin(file.groups.contains_key(&key)),
+            })
+        }
+    };
+    Ok(value)
+}
+
+/// The counts a change leaves behind: the answer to every successful change.
+pub(super) fn summary(merged: &DesiredState) -> Value {
+    json!({
+        "ok": true,
+        "services": merged.services.len(),
+        "sandboxes": merged.sandboxes.len(),
+        "groups": merged.groups.len(),
+        "routes": merged.route_count(),
+    })
+}
+
+fn to_json(value: impl serde::Serialize) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+fn status(daemon: &Daemon) -> Value {
+    let written = daemon.sync.written.as_ref();
+    let entries = |count: fn(&crate::kernel::maps::KernelState) -> usize| written.map_or(0, count);
+    let hooks: Vec<Value> = HOOKS
+        .iter()
+        .map(|hook| {
+            let state = if daemon.report.adopted.contains(hook) {
+                "adopted"
+            } else if daemon.report.attached.contains(hook) {
+                "attached"
+            } else {
+                "missing"
+            };
+            json!({ "hook": hook, "state": state })
+        })
+        .collect();
+    let router = daemon.router.as_ref().map(|router| {
+        json!({
+            "listen": daemon.file.router.listen,
+            "serving": true,
+            "connections": router.stats.connections.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    });
+    let merged = &daemon.merged;
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "config": daemon.opts.config,
+        "cgroup": daemon.placement.cgroup,
+        "bpffs": daemon.placement.bpffs,
+        "api_socket": daemon.placement.api_socket,
+        "state_file": daemon.placement.state_file,
+        "programs": hooks,
+        "maps": [
+            { "map": "services", "entries": entries(|s| s.services.len()), "capacity": map_sizes::SERVICES },
+            { "map": "routes", "entries": entries(|s| s.routes.len()), "capacity": map_sizes::ROUTES },
+            { "map": "members", "entries": entries(|s| s.members.len()), "capacity": map_sizes::MEMBERS },
+        ],
+        "router": router,
+        "counts": {
+            "services": merged.services.len(),
+            "sandboxes": merged.sandboxes.len(),
+            "groups": merged.groups.len(),
+            "routes": merged.route_count(),
+            "member_pods": merged.member_count(),
+            "unresolved_member_pods": daemon.sync.unresolved_members,
+            "from_api": {
+                "services": daemon.api.services.len(),
+                "sandboxes": daemon.api.sandboxes.len(),
+                "groups": daemon.api.groups.len(),
+            },
+        },
+    })
+}
+
+/// (sandbox or group key, service name) of each route id, for labelling per-route counters.
+fn route_names(daemon: &Daemon) -> HashMap<RouteKey, (String, String)> {
+    let Some(ids) = daemon.sync.ids.as_ref() else {
+        return HashMap::new();
+    };
+    let mut names = HashMap::new();
+    for key in daemon.merged.routing_keys() {
+        let Some(sandbox_id) = ids.sandbox_id(&key.key) else {
+            continue;
+        };
+        for service_name in key.routes.keys() {
+            let Some(service) = daemon.merged.services.get(service_name) else {
+                continue;
+            };
+            let skey = service_key(service.address, service.protocol.ip_protocol());
+            if let Some(service_id) = ids.service_id(&skey) {
+                names.insert(
+                    RouteKey {
+                        service_id,
+                        sandbox_id,
+                    },
+                    (key.key.clone(), service_name.clone()),
+                );
+            }
+        }
+    }
+    names
+}
+
+fn stats(daemon: &Daemon) -> Value {
+    let kernel: serde_json::Map<String, Value> = match daemon.sync.kernel.maps.counters() {
+        Ok(counters) => counters
+            .iter()
+            .map(|(name, value)| (name.to_string(), json!(value)))
+            .collect(),
+        Err(err) => [("error".to_owned(), json!(err.to_string()))]
+            .into_iter()
+            .collect(),
+    };
+    let names = route_names(daemon);
+    let routes: Vec<Value> = daemon
+        .sync
+        .kernel
+        .maps
+        .route_counters()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(key, steered)| {
+            let (sandbox, service) = names.get(&key)?;
+            Some(json!({ "sandbox": sandbox, "service": service, "steered": steered }))
+        })
+        .collect();
+    let router = daemon.router.as_ref().map(|router| {
+        router
+            .stats
+            .snapshot()
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), json!(value)))
+            .collect::<serde_json::Map<_, _>>()
+    });
+    json!({ "kernel": kernel, "routes": routes, "router": router })
+}
+
+fn refresh_metrics(daemon: &Daemon) {
+    let metrics = &daemon.metrics;
+    if let Ok(counters) = daemon.sync.kernel.maps.counters() {
+        for (name, value) in counters {
+            metrics.kernel_event(name, value);
+        }
+    }
+    let names = route_names(daemon);
+    for (key, steered) in daemon.sync.kernel.maps.route_counters().unwrap_or_default() {
+        if let Some((sandbox, service)) = names.get(&key) {
+            metrics.route_steered(sandbox, service, steered);
+        }
+    }
+    if let Some(written) = &daemon.sync.written {
+        metrics.map("services", written.services.len(), map_sizes::SERVICES);
+        metrics.map("routes", written.routes.len(), map_sizes::ROUTES);
+        metrics.map("members", written.members.len(), map_sizes::MEMBERS);
+    }
+}

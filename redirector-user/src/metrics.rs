@@ -1,0 +1,317 @@
+//! Prometheus metrics (text format at `GET /metrics` on `daemon.metrics_listen`).
+//!
+//! Kernel-side numbers (per-CPU counters, per-route steering counts, map occupancy) are read when
+//! scraped; the router counts its requests as they happen.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::api::server::{Call, Query, Request};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub sandbox: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The routing key when it has a fork of the service, else empty: labels stay bounded
+    /// whatever keys clients send.
+    pub sandbox: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Request outcomes, as the `outcome` label spells them.
+pub mod outcome {
+    pub const FORK: &str = "fork";
+    pub const BASELINE: &str = "baseline";
+    pub const INVALID_KEY: &str = "invalid_key";
+    pub const FORK_ERROR: &str = "fork_error";
+    pub const FORK_FALLBACK: &str = "fork_fallback";
+    pub const UPSTREAM_ERROR: &str = "upstream_error";
+}
+
+type LatencyHistogram = Family<OutcomeLabels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    kernel_events: Family<EventLabels, Counter>,
+    steered: Family<RouteLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: LatencyHistogram,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+    reloads: Family<ResultLabels, Counter>,
+    api_changes: Family<ResultLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 20 µs .. ~5 s: the router's own hop sits at the low end, upstreams anywhere.
+    Histogram::new(exponential_buckets(0.000_02, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("redirector");
+        let kernel_events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "kernel_events",
+            "Kernel program events since load: fast_path, steered, handoff, router_down, ...",
+            kernel_events.clone(),
+        );
+        let steered = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "connections_steered",
+            "Connections of sandbox members steered to a fork, per route (kernel, L4)",
+            steered.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "HTTP requests routed by the node router, per sandbox and outcome",
+            requests.clone(),
+        );
+        let request_seconds: LatencyHistogram = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Node router time from request to upstream response headers",
+            request_seconds.clone(),
+        );
+        let map_entries = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "map_entries",
+            "Entries in a kernel map",
+            map_entries.clone(),
+        );
+        let map_capacity = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "map_capacity",
+            "Capacity of a kernel map",
+            map_capacity.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config file reloads by result (ok, rejected, failed)",
+            reloads.clone(),
+        );
+        let api_changes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "api_changes",
+            "Changes requested through the API by result (ok, rejected, failed)",
+            api_changes.clone(),
+        );
+        Metrics {
+            registry,
+            kernel_events,
+            steered,
+            requests,
+            request_seconds,
+            map_entries,
+            map_capacity,
+            reloads,
+            api_changes,
+        }
+    }
+
+    pub fn request(&self, sandbox: &str, outcome: &'static str, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                sandbox: sandbox.to_owned(),
+                outcome,
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&OutcomeLabels { outcome })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn api_change(&self, result: &'static str) {
+        self.api_changes
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Sets a counter that mirrors a kernel total: counters only go up, so this adds the
+    /// difference (a kernel total that went down, after maps were re-created, is not followed).
+    fn mirror(counter: &Counter, total: u64) {
+        let now = counter.get();
+        if total > now {
+            counter.inc_by(total - now);
+        }
+    }
+
+    pub fn kernel_event(&self, event: &str, total: u64) {
+        Self::mirror(
+            &self.kernel_events.get_or_create(&EventLabels {
+                event: event.to_owned(),
+            }),
+            total,
+        );
+    }
+
+    pub fn route_steered(&self, sandbox: &str, service: &str, total: u64) {
+        Self::mirror(
+            &self.steered.get_or_create(&RouteLabels {
+                sandbox: sandbox.to_owned(),
+                service: service.to_owned(),
+            }),
+            total,
+        );
+    }
+
+    pub fn map(&self, map: &'static str, entries: usize, capacity: u32) {
+        self.map_entries
+            .get_or_create(&MapLabels { map })
+            .set(entries as i64);
+        self.map_capacity
+            .get_or_create(&MapLabels { map })
+            .set(i64::from(capacity));
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            warn!(error = %err, "encoding metrics failed");
+        }
+        text
+    }
+}
+
+/// Serves `GET /metrics` on `addr`. Each scrape first asks the main loop to refresh the
+/// kernel-side numbers.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    calls: mpsc::Sender<Call>,
+) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                warn!(error = %err, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                let calls = calls.clone();
+                async move {
+                    let response = if req.uri().path() == "/metrics" {
+                        let (reply, done) = oneshot::channel();
+                        let refresh = Call {
+                            request: Request::Query(Query::RefreshMetrics),
+                            reply,
+                        };
+                        if calls.send(refresh).await.is_ok() {
+                            let _ = done.await;
+                        }
+                        text_response(StatusCode::OK, metrics.encode())
+                    } else {
+                        text_response(StatusCode::NOT_FOUND, "try /metrics\n".to_owned())
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %err, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_has_the_families() {
+        let m = Metrics::new();
+        m.request("pr-1", outcome::FORK, Duration::from_micros(300));
+        m.kernel_event("steered", 5);
+        m.kernel_event("steered", 7);
+        m.route_steered("pr-1", "svc-a", 2);
+        m.map("routes", 3, 131_072);
+        m.reload("ok");
+        let text = m.encode();
+        for needle in [
+            "redirector_requests_total{sandbox=\"pr-1\",outcome=\"fork\"} 1",
+            "redirector_kernel_events_total{event=\"steered\"} 7",
+            "redirector_connections_steered_total{sandbox=\"pr-1\",service=\"svc-a\"} 2",
+            "redirector_map_entries{map=\"routes\"} 3",
+            "redirector_map_capacity{map=\"routes\"} 131072",
+            "redirector_config_reloads_total{result=\"ok\"} 1",
+            "redirector_request_duration_seconds_count{outcome=\"fork\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+    }
+}
