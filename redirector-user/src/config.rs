@@ -241,6 +241,17 @@ struct RawRoute {
 
 /// Parses and validates config text; on failure returns every problem found.
 pub fn parse(text: &str) -> Result<Config, Vec<FieldError>> {
+    parse_with(text, false)
+}
+
+/// Parses a fragment for `redirector apply`: its routes and groups may name services and
+/// sandboxes the daemon already has, so references are checked by the daemon against the whole
+/// state, not here. Everything else is checked as for a config file.
+pub fn parse_fragment(text: &str) -> Result<DesiredState, Vec<FieldError>> {
+    parse_with(text, true).map(|config| config.state)
+}
+
+fn parse_with(text: &str, fragment: bool) -> Result<Config, Vec<FieldError>> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let (line, column) = e
             .span()
@@ -256,10 +267,12 @@ pub fn parse(text: &str) -> Result<Config, Vec<FieldError>> {
     let mut v = Validator {
         text,
         errors: Vec::new(),
+        fragment,
     };
     let mut state = v.state(raw.service, raw.sandbox);
     v.groups(&mut state, raw.group);
     if v.errors.is_empty()
+        && !fragment
         && let Err(issues) = state.validate()
     {
         // Every rule is checked above with its location; this is the safety net for one that
@@ -300,6 +313,8 @@ pub fn parse(text: &str) -> Result<Config, Vec<FieldError>> {
 struct Validator<'a> {
     text: &'a str,
     errors: Vec<FieldError>,
+    /// Unresolved references are the daemon's to check (see [`parse_fragment`]).
+    fragment: bool,
 }
 
 impl Validator<'_> {
@@ -395,7 +410,7 @@ impl Validator<'_> {
                 let f = |name: &str| field(&format!("routes[{j}].{name}"));
                 let service_name = route.service.get_ref();
                 let service = state.services.get(service_name);
-                if service.is_none() {
+                if service.is_none() && !self.fragment {
                     self.error(
                         route.service.span(),
                         f("service"),
@@ -412,7 +427,15 @@ impl Validator<'_> {
                 let Some(fork) = self.socket_addr(&route.fork, f("fork")) else {
                     continue;
                 };
-                if let Some(service) = service {
+                if service.is_none() && self.fragment {
+                    routes.insert(
+                        service_name.clone(),
+                        Route {
+                            fork,
+                            on_fork_error: route.on_fork_error,
+                        },
+                    );
+                } else if let Some(service) = service {
                     if service.address.is_ipv4() != fork.is_ipv4() {
                         self.error(
                             route.fork.span(),
@@ -481,7 +504,11 @@ impl Validator<'_> {
                     continue;
                 }
                 let Some(sandbox) = state.sandboxes.get(name) else {
-                    self.error(sandbox_key.span(), f, format!("unknown sandbox {name:?}"));
+                    if self.fragment {
+                        sandboxes.push(name.clone());
+                    } else {
+                        self.error(sandbox_key.span(), f, format!("unknown sandbox {name:?}"));
+                    }
                     continue;
                 };
                 for service in sandbox.routes.keys() {
@@ -886,6 +913,20 @@ members = ["/run/netns/tester"]
             "{errs:?}"
         );
         assert_eq!(errs[1].message, "unknown sandbox \"pr-9\"");
+    }
+
+    #[test]
+    fn fragments_may_reference_what_the_daemon_has() {
+        let text = "[[sandbox]]\nkey = \"pr-9\"\nroutes = [{ service = \"elsewhere\", fork = \"10.0.0.1:80\" }]\n\n[[group]]\nkey = \"g\"\nsandboxes = [\"pr-9\", \"other\"]\n";
+        assert!(parse(text).is_err());
+        let state = parse_fragment(text).expect("fragment");
+        assert_eq!(
+            state.sandboxes["pr-9"].routes["elsewhere"].fork,
+            "10.0.0.1:80".parse().unwrap()
+        );
+        assert_eq!(state.groups["g"].sandboxes, ["pr-9", "other"]);
+        // Malformed values are still caught.
+        assert!(parse_fragment("[[sandbox]]\nkey = \"bad key\"\n").is_err());
     }
 
     #[test]

@@ -118,8 +118,9 @@ const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Where the daemon pins its links, below the pin directory (see `kernel::programs`).
 const LINKS_DIR: &str = "links";
 
-/// Prefix of the scratch pin directory of the `hooks` check.
-const SCRATCH_PREFIX: &str = ".redirector-doctor-";
+/// Prefix of the scratch pin directory of the `hooks` check. Not a hidden `.name`: bpffs
+/// refuses every name with a dot in it (EPERM, "reserved for future use").
+const SCRATCH_PREFIX: &str = "redirector-doctor-";
 
 /// Width the table wraps its DETAIL column to: the table must not depend on the terminal (it
 /// is often piped into a ticket or a log), and 100 columns read well everywhere.
@@ -133,10 +134,10 @@ pub fn run(opts: &DoctorOptions) -> Vec<Check> {
     let bpffs = guarded(BPFFS, || check_bpffs(&opts.bpffs));
     let mut needs = Vec::new();
     if privileges.status == Status::Fail {
-        needs.push("root or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (see privileges)");
+        needs.push("root (or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)");
     }
     if bpffs.status == Status::Fail {
-        needs.push("a bpffs (see bpffs)");
+        needs.push("a bpffs");
     }
     vec![
         privileges,
@@ -159,7 +160,8 @@ pub fn any_failed(checks: &[Check]) -> bool {
 }
 
 /// The checks as a table with columns CHECK, STATUS and DETAIL. The DETAIL cell of a check that
-/// did not pass ends with a `fix: ...` line when there is something to do. No trailing newline.
+/// did not pass ends with a `fix: ...` line when there is something to do. Ends with a newline,
+/// ready for `print!`.
 pub fn render_table(checks: &[Check]) -> String {
     let mut table = Table::new();
     table
@@ -176,7 +178,9 @@ pub fn render_table(checks: &[Check]) -> String {
         }
         table.add_row([check.name.to_owned(), check.status.to_string(), detail]);
     }
-    table.to_string()
+    let mut text = table.to_string();
+    text.push('\n');
+    text
 }
 
 /// Runs one check, turning a panic into a failed check: `run` promises never to panic, and a
@@ -427,7 +431,7 @@ fn check_hooks(pin_dir: &Path, needs: &[&str]) -> Check {
         return Check::fail(
             HOOKS,
             format!("skipped: needs {}", needs.join(" and ")),
-            "fix the checks it needs, then run doctor again",
+            "resolve the checks named above, then run doctor again",
         );
     }
     let Some(parent) = scratch_parent(pin_dir) else {
@@ -982,9 +986,9 @@ mod tests {
     #[test]
     fn hooks_are_skipped_without_their_prerequisites() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let check = check_hooks(dir.path(), &["a bpffs (see bpffs)"]);
+        let check = check_hooks(dir.path(), &["a bpffs"]);
         assert_eq!(check.status, Status::Fail);
-        assert_eq!(check.detail, "skipped: needs a bpffs (see bpffs)");
+        assert_eq!(check.detail, "skipped: needs a bpffs");
         // Not on a bpffs: refused before anything is created.
         let check = check_hooks(dir.path(), &[]);
         assert_eq!(check.status, Status::Fail);

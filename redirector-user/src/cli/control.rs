@@ -298,12 +298,13 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", args.file.display()))?
     } else {
-        let parsed = config::parse(&text).map_err(|errors| config::ConfigError::Invalid {
-            path: args.file.clone(),
-            errors,
-        })?;
+        let parsed =
+            config::parse_fragment(&text).map_err(|errors| config::ConfigError::Invalid {
+                path: args.file.clone(),
+                errors,
+            })?;
         ApplyRequest {
-            state: StateSpec::from_state(&parsed.state),
+            state: StateSpec::from_state(&parsed),
             prune: false,
         }
     };

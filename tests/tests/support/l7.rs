@@ -111,6 +111,7 @@ cgroup = "{cgroup}"
 bpffs = "{bpffs}"
 api_socket = "{api_socket}"
 state_file = "{state_file}"
+metrics_listen = "127.0.0.1:9464"
 router_listen = ["{ROUTER4}", "{ROUTER6}"]
 
 [router]

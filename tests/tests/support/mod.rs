@@ -105,6 +105,7 @@ cgroup = "{cgroup}"
 bpffs = "{bpffs}"
 api_socket = "{api_socket}"
 state_file = "{state_file}"
+metrics_listen = "127.0.0.1:9464"
 
 [[service]]
 name = "svc-a"
@@ -215,6 +216,62 @@ pub fn run_redirector(node: &Node, args: &[&str]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
     )
+}
+
+/// Runs the CLI against this node's daemon: (exit code, stdout, stderr).
+pub fn cli(c: &Cluster, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(redirector())
+        .args(args)
+        .arg("--socket")
+        .arg(c.api_socket())
+        .output()
+        .expect("run redirector CLI");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Like [`cli`] with `-o json`, asserting success and parsing the output.
+pub fn cli_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let (code, stdout, stderr) = cli(c, &all);
+    assert_eq!(code, 0, "redirector {args:?}: {stderr}{stdout}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// Scrapes the daemon's metrics endpoint (127.0.0.1:9464 inside the node namespace) from a
+/// thread that enters the node's network namespace.
+pub fn scrape(node: &Node) -> String {
+    use std::io::{Read as _, Write as _};
+    let netns = std::fs::File::open(node.netns_path()).expect("node netns");
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let mut stream = std::net::TcpStream::connect("127.0.0.1:9464").expect("connect metrics");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("read");
+        text
+    })
+    .join()
+    .expect("scrape thread")
+}
+
+/// The value of the sample `line_prefix` (a metric name with its labels) in a scrape, 0 if
+/// absent.
+pub fn sample(scrape: &str, line_prefix: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Programs attached to `cgroup`, as the kernel reports them (bpftool, not the daemon).
