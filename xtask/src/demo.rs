@@ -2,12 +2,13 @@
 //!
 //! The node is built out of network namespaces (see `redirector_tests::simnode`): an HTTP
 //! service `svc-a` and a plain TCP service `db`, each with a baseline and a fork for sandbox
-//! `pr-123`; a `frontend` pod that belongs to no sandbox and a `tester` pod that belongs to
-//! `pr-123`. The daemon runs from a config file. The demo shows per-request routing of the
-//! frontend's requests on one keep-alive connection, L4 steering of the tester's connections,
-//! then removes the sandbox with a live reload, shows everything back on the baseline, and tears
-//! the node down.
-use std::{ffi::OsString, net::SocketAddr, time::Duration};
+//! `pr-123`; a `frontend` pod that belongs to no sandbox and a `tester` pod that will belong to
+//! `pr-123`. The daemon starts from a config file that only declares the services; the demo
+//! then drives it through the CLI as a CI pipeline would: creates the sandbox, shows per-request
+//! routing of the frontend's requests on one keep-alive connection and L4 steering of the
+//! tester's connections, shows `status` and a few metrics, deletes the sandbox, shows traffic
+//! back on the baseline, and tears the node down.
+use std::{ffi::OsString, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
 use redirector_tests::{HttpReq, Node, Pod, workspace_bin};
@@ -56,9 +57,9 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
     println!("  frontend: no sandbox; tester: member of sandbox pr-123");
 
     let config = node.dir().join("redirector.toml");
-    let with_sandbox = config_text(&node, &tester, &svc_a_fork, &db_fork, true);
-    std::fs::write(&config, &with_sandbox).context("writing the demo config")?;
-    println!("\n{with_sandbox}");
+    let text = config_text(&node);
+    std::fs::write(&config, &text).context("writing the demo config")?;
+    println!("\n{text}");
 
     step("Starting the daemon");
     let args: Vec<OsString> = vec![
@@ -69,19 +70,43 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
     ];
     let mut daemon = node.spawn_daemon("redirector", &redirector, &args)?;
     daemon.wait_for_log("ready", Duration::from_secs(20))?;
+    let socket = node.dir().join("api.sock");
+    let cli = |args: &[&str]| run_cli(&redirector, &socket, args);
+
+    step("frontend calls svc-a with and without a routing key: no sandbox yet");
+    show_requests(&node, &frontend)?;
+
+    let member = tester.netns_path().display().to_string();
+    let routes = [
+        format!("svc-a={}:8080", svc_a_fork.ipv4),
+        format!("db={}:5432", db_fork.ipv4),
+        format!("db-v6=[{}]:5432", db_fork.ipv6),
+    ];
+    cli(&[
+        "sandbox", "create", "pr-123", "--member", &member, "--route", &routes[0], "--route",
+        &routes[1], "--route", &routes[2],
+    ])?;
+    cli(&["route", "ls"])?;
 
     step("frontend: four requests on ONE keep-alive connection to svc-a, routed one by one");
     show_requests(&node, &frontend)?;
     step("tester (member of pr-123): every connection to a forked service goes to the fork (L4)");
     show_connections(&node, &frontend, &tester)?;
 
-    step("Deleting sandbox pr-123 (the daemon reloads the file when it changes)");
-    let mark = daemon.log_len();
-    std::fs::write(
-        &config,
-        config_text(&node, &tester, &svc_a_fork, &db_fork, false),
-    )?;
-    daemon.wait_for_log_from(mark, "reload applied", Duration::from_secs(10))?;
+    cli(&["status"])?;
+    step("A few metrics (GET /metrics on the node, 127.0.0.1:9464)");
+    let metrics = scrape_metrics(&node)?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("redirector_requests_total")
+            || l.starts_with("redirector_connections_steered_total")
+            || l.starts_with("redirector_kernel_events_total{event=\"handoff\"}")
+            || l.starts_with("redirector_map_entries")
+    }) {
+        println!("  {line}");
+    }
+
+    cli(&["sandbox", "delete", "pr-123"])?;
+    step("Sandbox gone: everything back on the baseline");
     show_requests(&node, &frontend)?;
     show_connections(&node, &frontend, &tester)?;
 
@@ -92,6 +117,50 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
         "  daemon stopped (programs detached, pins removed); namespaces, cgroup and bpffs removed"
     );
     Ok(())
+}
+
+/// Runs and shows one CLI command, as a person would type it.
+fn run_cli(redirector: &Path, socket: &Path, args: &[&str]) -> anyhow::Result<()> {
+    println!("\n$ redirector {}", args.join(" "));
+    let out = std::process::Command::new(redirector)
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .context("running the redirector CLI")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {line}");
+    }
+    if !out.status.success() {
+        bail!(
+            "`redirector {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// GET /metrics from the daemon, which listens on the node namespace's loopback: a thread
+/// enters that namespace (only that thread) to connect.
+fn scrape_metrics(node: &Node) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    let netns = std::fs::File::open(node.netns_path())?;
+    std::thread::spawn(move || -> anyhow::Result<String> {
+        // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        let mut stream = std::net::TcpStream::connect("127.0.0.1:9464")?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("metrics thread panicked"))?
 }
 
 fn show_requests(node: &Node, frontend: &Pod) -> anyhow::Result<()> {
@@ -155,33 +224,7 @@ fn show_connections(node: &Node, frontend: &Pod, tester: &Pod) -> anyhow::Result
     Ok(())
 }
 
-fn config_text(
-    node: &Node,
-    tester: &Pod,
-    svc_a_fork: &Pod,
-    db_fork: &Pod,
-    sandbox: bool,
-) -> String {
-    let sandbox = if sandbox {
-        format!(
-            r#"
-[[sandbox]]
-key = "pr-123"
-members = ["{member}"]
-routes = [
-  {{ service = "svc-a", fork = "{a}:8080" }},
-  {{ service = "db", fork = "{d}:5432" }},
-  {{ service = "db-v6", fork = "[{d6}]:5432" }},
-]
-"#,
-            member = tester.netns_path().display(),
-            a = svc_a_fork.ipv4,
-            d = db_fork.ipv4,
-            d6 = db_fork.ipv6,
-        )
-    } else {
-        String::new()
-    };
+fn config_text(node: &Node) -> String {
     format!(
         r#"[daemon]
 cgroup = "{cgroup}"
@@ -189,6 +232,7 @@ bpffs = "{bpffs}"
 api_socket = "{api_socket}"
 state_file = "{state_file}"
 router_listen = "{ROUTER}"
+metrics_listen = "127.0.0.1:9464"
 
 [router]
 upstream_header = "{UPSTREAM_HEADER}"
@@ -205,7 +249,7 @@ address = "{DB}"
 [[service]]
 name = "db-v6"
 address = "{DB6}"
-{sandbox}"#,
+"#,
         cgroup = node.cgroup().display(),
         bpffs = node.bpffs().join("redirector").display(),
         api_socket = node.dir().join("api.sock").display(),
