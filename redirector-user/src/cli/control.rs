@@ -320,6 +320,40 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     )
 }
 
+/// Creates or replaces `/v1/{collection}/{key}` and reports it.
+async fn put(
+    api: &ApiArgs,
+    collection: &str,
+    key: &str,
+    spec: impl serde::Serialize,
+    noun: &str,
+) -> anyhow::Result<ExitCode> {
+    let path = format!("/v1/{collection}/{}", segment(key));
+    let body = serde_json::to_value(spec)?;
+    let value = call(api, Method::PUT, &path, Some(body)).await?;
+    done(api, &value, format!("{noun} {key} created"))
+}
+
+async fn delete(
+    api: &ApiArgs,
+    collection: &str,
+    key: &str,
+    noun: &str,
+) -> anyhow::Result<ExitCode> {
+    let path = format!("/v1/{collection}/{}", segment(key));
+    let value = call(api, Method::DELETE, &path, None).await?;
+    done(api, &value, format!("{noun} {key} deleted"))
+}
+
+async fn list(
+    api: &ApiArgs,
+    path: &str,
+    table: impl FnOnce(&Value) -> String,
+) -> anyhow::Result<ExitCode> {
+    let value = call(api, Method::GET, path, None).await?;
+    print(api, &value, table)
+}
+
 pub async fn sandbox(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         SandboxCommand::Create(args) => {
@@ -336,25 +370,10 @@ pub async fn sandbox(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
                     })
                     .collect(),
             };
-            let path = format!("/v1/sandboxes/{}", segment(&args.key));
-            let value = call(
-                &args.api,
-                Method::PUT,
-                &path,
-                Some(serde_json::to_value(spec)?),
-            )
-            .await?;
-            done(&args.api, &value, format!("sandbox {} created", args.key))
+            put(&args.api, "sandboxes", &args.key, spec, "sandbox").await
         }
-        SandboxCommand::Delete(args) => {
-            let path = format!("/v1/sandboxes/{}", segment(&args.key));
-            let value = call(&args.api, Method::DELETE, &path, None).await?;
-            done(&args.api, &value, format!("sandbox {} deleted", args.key))
-        }
-        SandboxCommand::List(api) => {
-            let value = call(&api, Method::GET, "/v1/sandboxes", None).await?;
-            print(&api, &value, render::sandboxes)
-        }
+        SandboxCommand::Delete(args) => delete(&args.api, "sandboxes", &args.key, "sandbox").await,
+        SandboxCommand::List(api) => list(&api, "/v1/sandboxes", render::sandboxes).await,
         SandboxCommand::Get(args) => {
             let path = format!("/v1/sandboxes/{}", segment(&args.key));
             let value = call(&args.api, Method::GET, &path, None).await?;
@@ -424,25 +443,10 @@ pub async fn group(cmd: GroupCommand) -> anyhow::Result<ExitCode> {
                 sandboxes: args.sandboxes,
                 members: args.members,
             };
-            let path = format!("/v1/groups/{}", segment(&args.key));
-            let value = call(
-                &args.api,
-                Method::PUT,
-                &path,
-                Some(serde_json::to_value(spec)?),
-            )
-            .await?;
-            done(&args.api, &value, format!("group {} created", args.key))
+            put(&args.api, "groups", &args.key, spec, "group").await
         }
-        GroupCommand::Delete(args) => {
-            let path = format!("/v1/groups/{}", segment(&args.key));
-            let value = call(&args.api, Method::DELETE, &path, None).await?;
-            done(&args.api, &value, format!("group {} deleted", args.key))
-        }
-        GroupCommand::List(api) => {
-            let value = call(&api, Method::GET, "/v1/groups", None).await?;
-            print(&api, &value, render::groups)
-        }
+        GroupCommand::Delete(args) => delete(&args.api, "groups", &args.key, "group").await,
+        GroupCommand::List(api) => list(&api, "/v1/groups", render::groups).await,
     }
 }
 
@@ -454,31 +458,15 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<ExitCode> {
                 address: args.address,
                 protocol: args.protocol.into(),
             };
-            let path = format!("/v1/services/{}", segment(&args.name));
-            let value = call(
-                &args.api,
-                Method::PUT,
-                &path,
-                Some(serde_json::to_value(spec)?),
-            )
-            .await?;
-            done(&args.api, &value, format!("service {} created", args.name))
+            put(&args.api, "services", &args.name, spec, "service").await
         }
-        ServiceCommand::Delete(args) => {
-            let path = format!("/v1/services/{}", segment(&args.key));
-            let value = call(&args.api, Method::DELETE, &path, None).await?;
-            done(&args.api, &value, format!("service {} deleted", args.key))
-        }
-        ServiceCommand::List(api) => {
-            let value = call(&api, Method::GET, "/v1/services", None).await?;
-            print(&api, &value, render::services)
-        }
+        ServiceCommand::Delete(args) => delete(&args.api, "services", &args.key, "service").await,
+        ServiceCommand::List(api) => list(&api, "/v1/services", render::services).await,
     }
 }
 
 pub async fn status(api: ApiArgs) -> anyhow::Result<ExitCode> {
-    let value = call(&api, Method::GET, "/v1/status", None).await?;
-    print(&api, &value, render::status)
+    list(&api, "/v1/status", render::status).await
 }
 
 pub async fn stats(api: ApiArgs) -> anyhow::Result<ExitCode> {

@@ -155,9 +155,7 @@ routes = [
     }
 
     pub fn write_config(&self, text: &str) {
-        let tmp = self.config.with_extension("tmp");
-        std::fs::write(&tmp, text).expect("write config");
-        std::fs::rename(&tmp, &self.config).expect("rename config");
+        super::write_atomically(&self.config, text);
     }
 
     pub fn start(&mut self, routes: Routes) -> &mut Daemon {

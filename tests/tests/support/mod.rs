@@ -144,10 +144,7 @@ members = ["{member}"]
     }
 
     pub fn write_config(&self, text: &str) {
-        // Write-then-rename: the daemon never reads a half-written file.
-        let tmp = self.config.with_extension("tmp");
-        std::fs::write(&tmp, text).expect("write config");
-        std::fs::rename(&tmp, &self.config).expect("rename config");
+        write_atomically(&self.config, text);
     }
 
     pub fn run_args(&self, extra: &[&str]) -> Vec<OsString> {
@@ -216,6 +213,13 @@ pub fn run_redirector(node: &Node, args: &[&str]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
     )
+}
+
+/// Write-then-rename: a watching daemon never reads a half-written file.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write config");
+    std::fs::rename(&tmp, path).expect("rename config");
 }
 
 /// Runs the CLI against this node's daemon: (exit code, stdout, stderr).
