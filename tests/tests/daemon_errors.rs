@@ -147,3 +147,20 @@ fn not_root_is_a_clear_error() {
     assert!(stderr.contains("redirector must run as root"), "{stderr}");
     assert!(attached_programs(c.node.cgroup()).is_empty());
 }
+
+#[test]
+fn json_logs_for_collectors() {
+    let Some(mut c) = Cluster::new("err-jsonlog") else {
+        return;
+    };
+    let daemon = c.start(&["--log-format", "json"]);
+    let logs = daemon.logs();
+    let ready = logs
+        .lines()
+        .filter_map(|l| l.find('{').map(|i| &l[i..]))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "ready")
+        .unwrap_or_else(|| panic!("no JSON `ready` line in:\n{logs}"));
+    assert_eq!(ready["level"], "INFO");
+    assert_eq!(ready["fields"]["routes"], 4);
+}

@@ -94,10 +94,11 @@ fn ensure_rust_src(tc: &Toolchain) -> anyhow::Result<()> {
 
 /// A directory that outlives the build: the installed bpf-linker keeps an rpath into it.
 fn llvm_prefix(tc: &Toolchain) -> anyhow::Result<PathBuf> {
-    let data = match env::var_os("XDG_DATA_HOME") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?)
-            .join(".local/share"),
+    let data = match (env::var_os("XDG_DATA_HOME"), env::var_os("HOME")) {
+        (Some(dir), _) => PathBuf::from(dir),
+        (None, Some(home)) => PathBuf::from(home).join(".local/share"),
+        // CI runners may start without HOME; any lasting directory will do.
+        (None, None) => PathBuf::from("/var/cache"),
     };
     Ok(data.join(format!("redirector/llvm-{}", tc.release)))
 }
