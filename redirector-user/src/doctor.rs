@@ -251,10 +251,17 @@ fn privileges_verdict(euid: u32, cap_eff: Option<u64>, last_cap: Option<u32>) ->
             .filter(|(bit, _)| last_cap.is_none_or(|last| *bit <= last))
             .map(|(_, name)| *name)
             .collect();
-        return Check::pass(
-            PRIVILEGES,
-            format!("uid {euid} with {} effective", held.join(", ")),
-        );
+        let detail = format!("uid {euid} with {} effective", held.join(", "));
+        if euid != 0 {
+            // The capabilities would do for the kernel, but `redirector run` also writes root's
+            // files (the API socket, the state file) and checks for uid 0 up front.
+            return Check::warn(
+                PRIVILEGES,
+                format!("{detail}; `redirector run` requires uid 0"),
+                Some("run the daemon as root".to_owned()),
+            );
+        }
+        return Check::pass(PRIVILEGES, detail);
     }
     let detail = format!(
         "uid {euid}; the effective capabilities lack {}",
@@ -853,8 +860,10 @@ mod tests {
         let all = (1u64 << 39) | (1 << 12) | (1 << 21);
         assert_eq!(
             privileges_verdict(1000, Some(all), Some(40)).status,
-            Status::Pass
+            Status::Warn,
+            "enough for the kernel, but the daemon insists on root"
         );
+        assert_eq!(privileges_verdict(0, Some(all), Some(40)).status, Status::Pass);
         let none = privileges_verdict(1000, Some(0), Some(40));
         assert_eq!(none.status, Status::Fail);
         assert!(
