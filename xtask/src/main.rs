@@ -1,5 +1,6 @@
 //! Developer tasks. `cargo xtask setup` installs the build prerequisites; every other task runs
 //! it first, so `cargo xtask demo` and `cargo xtask test` work on a fresh machine.
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -21,6 +22,8 @@ enum Task {
     Demo(demo::Options),
     /// Run the whole test suite (unit and end-to-end; needs root).
     Test(test::Options),
+    /// Benchmarks on a simulated node: direct vs fast path, L4, L7, iptables and nginx.
+    Bench(bench::Options),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +32,7 @@ fn main() -> std::process::ExitCode {
         Task::Setup(opts) => setup::run(&opts),
         Task::Demo(opts) => demo::run(&opts),
         Task::Test(opts) => test::run(&opts),
+        Task::Bench(opts) => bench::run(&opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

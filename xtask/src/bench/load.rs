@@ -1,0 +1,163 @@
+//! Runs `rdr-load` inside a pod and returns its JSON summary.
+use std::{
+    io::Read as _,
+    net::SocketAddr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use redirector_tests::{Node, Pod};
+use serde_json::Value;
+
+use super::{
+    Bins, Profile,
+    sys::{self, CLIENT_CPU},
+};
+
+/// Keep-alive connections of every fixed-rate and max-rate run.
+pub const CONNECTIONS: usize = 16;
+/// Workers of every connection-rate run.
+pub const CONNECT_WORKERS: usize = 8;
+/// The p99 bound of the max-rate search, µs.
+pub const MAX_P99_US: u64 = 1000;
+
+/// Where a run sends its requests and who must answer them.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub addr: SocketAddr,
+    /// Routing key in the `baggage` header. Every path sends one, so the payload is the same
+    /// everywhere; paths without a router ignore it.
+    pub key: &'a str,
+    /// The `x-served-by` every response must carry: a run that reached the wrong server
+    /// counts errors instead of numbers.
+    pub expect: &'a str,
+}
+
+#[derive(Clone, Copy)]
+pub enum Kind {
+    /// Fixed rate, open loop.
+    Rate { rate: u32, new_conn: bool },
+    /// Connections per second (connect + one request + close), closed loop.
+    Connect {
+        duration: Duration,
+        warmup: Duration,
+    },
+    /// Highest fixed rate with p99 within [`MAX_P99_US`].
+    Max,
+}
+
+pub fn run(
+    bins: &Bins,
+    node: &Node,
+    pod: &Pod,
+    target: Target<'_>,
+    kind: Kind,
+    profile: &Profile,
+) -> anyhow::Result<Value> {
+    sys::check_interrupted()?;
+    let ms = |d: Duration| d.as_millis().to_string();
+    let mut args: Vec<String> = vec![
+        match kind {
+            Kind::Rate { .. } => "rate",
+            Kind::Connect { .. } => "connect",
+            Kind::Max => "max",
+        }
+        .into(),
+        "--addr".into(),
+        target.addr.to_string(),
+        "--header".into(),
+        format!("baggage=sd-routing-key={}", target.key),
+        "--expect-server".into(),
+        target.expect.into(),
+        "--cpu".into(),
+        CLIENT_CPU.to_string(),
+        // The client has its core to itself: polling instead of sleeping takes its own
+        // wake-up latency (tens of microseconds on a VM) out of every figure.
+        "--spin".into(),
+    ];
+    let expected = match kind {
+        Kind::Rate { rate, new_conn } => {
+            args.extend([
+                "--rate".into(),
+                rate.to_string(),
+                "--duration-ms".into(),
+                ms(profile.run),
+                "--warmup-ms".into(),
+                ms(profile.warmup),
+                "--connections".into(),
+                CONNECTIONS.to_string(),
+            ]);
+            if new_conn {
+                args.push("--new-conn".into());
+            }
+            profile.run + profile.warmup
+        }
+        Kind::Connect { duration, warmup } => {
+            args.extend([
+                "--concurrency".into(),
+                CONNECT_WORKERS.to_string(),
+                "--duration-ms".into(),
+                ms(duration),
+                "--warmup-ms".into(),
+                ms(warmup),
+            ]);
+            duration + warmup
+        }
+        Kind::Max => {
+            args.extend([
+                "--connections".into(),
+                CONNECTIONS.to_string(),
+                "--p99-us".into(),
+                MAX_P99_US.to_string(),
+                "--steps".into(),
+                profile.max_steps.to_string(),
+                "--step-ms".into(),
+                ms(profile.max_step),
+                "--step-warmup-ms".into(),
+                ms(profile.max_warmup),
+            ]);
+            // The probe, and every step tried at most twice.
+            (profile.max_step + profile.max_warmup) * (2 * profile.max_steps + 1)
+        }
+    };
+    // rdr-load bounds itself; this is the backstop if it wedges anyway.
+    let limit = expected + Duration::from_secs(20);
+
+    // In the node's cgroup, so the daemon's programs see the client's sockets.
+    let mut cmd = pod.command(node, &bins.load, true);
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    sys::die_with_us(&mut cmd);
+    let what = format!("rdr-load {} in pod {}", args.join(" "), pod.name);
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline || sys::check_interrupted().is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            sys::check_interrupted()?;
+            bail!("{what}: no result within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The summary is one short line: it fits the pipe, so reading after the exit is safe.
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut stdout)?;
+    }
+    if let Some(mut err) = child.stderr.take() {
+        err.read_to_string(&mut stderr)?;
+    }
+    if !status.success() {
+        bail!("{what} failed ({status}): {}", stderr.trim());
+    }
+    serde_json::from_str(stdout.trim())
+        .with_context(|| format!("{what}: output is not JSON: {stdout:?}"))
+}
