@@ -863,7 +863,10 @@ mod tests {
             Status::Warn,
             "enough for the kernel, but the daemon insists on root"
         );
-        assert_eq!(privileges_verdict(0, Some(all), Some(40)).status, Status::Pass);
+        assert_eq!(
+            privileges_verdict(0, Some(all), Some(40)).status,
+            Status::Pass
+        );
         let none = privileges_verdict(1000, Some(0), Some(40));
         assert_eq!(none.status, Status::Fail);
         assert!(

@@ -90,6 +90,7 @@ impl Proxy {
         let decision = self.table.load().decide(dialed, &key);
         // Taken before forwarding: the extension does not travel with the request.
         let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), client_upgrade.is_some());
 
         let (target, fork, mut outcome) = match &decision {
             Decision::Fork { key, fork, .. } => {
@@ -185,6 +186,32 @@ impl Proxy {
     }
 }
 
+/// Removes the hop-by-hop headers of the client's connection (RFC 9110 7.6.1) so they do not
+/// steer the router's pooled upstream connection: a client's `Connection: close` must not cost
+/// a fresh upstream connection per request. End-to-end headers (the routing key's carriers
+/// included) pass unchanged; an upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+    }
+}
+
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
     req.headers().contains_key(header::UPGRADE)
 }
@@ -203,5 +230,44 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     let mut upstream = TokioIo::new(upstream);
     if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         debug!(error = %err, "upgraded connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_the_client_connection() {
+        let mut h = headers(&[
+            ("connection", "close, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("baggage", "sd-routing-key=pr-1"),
+            ("x-end", "2"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["baggage", "x-end"]);
+    }
+
+    #[test]
+    fn upgrades_keep_their_headers() {
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
     }
 }
