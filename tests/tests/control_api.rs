@@ -6,6 +6,16 @@ use std::{os::unix::fs::PermissionsExt as _, time::Duration};
 
 use support::{BASELINE, Cluster, FORK, OTHER4, VIP4, cli, cli_json, sample, scrape};
 
+/// Keys of the sandboxes the daemon lists, in its order.
+fn sandbox_keys(c: &Cluster) -> Vec<String> {
+    cli_json(c, &["sandbox", "list"])
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| s["key"].as_str().expect("a key").to_owned())
+        .collect()
+}
+
 fn fork_route(c: &Cluster, service: &str) -> String {
     format!("{service}={}:8080", c.fork.ipv4)
 }
@@ -138,11 +148,7 @@ routes = [{{ service = "svc-b", fork = "{f}:9090" }}]
     let (code, out, err) = cli(&c, &["apply", "-f", file.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("both fork service \"svc-a\""), "{err}");
-    assert_eq!(
-        cli_json(&c, &["sandbox", "list"]).as_array().unwrap().len(),
-        1,
-        "nothing of the bad file applied"
-    );
+    assert_eq!(sandbox_keys(&c).len(), 1, "nothing of the bad file applied");
     assert_eq!(c.tcp(&c.outsider, VIP4), BASELINE);
 
     let file = c.node.dir().join("good.toml");
@@ -158,12 +164,7 @@ routes = [{{ service = "svc-b", fork = "{f}:9090" }}]
     std::fs::write(&json_file, spec.to_string()).unwrap();
     let (code, _, err) = cli(&c, &["apply", "-f", json_file.to_str().unwrap(), "--prune"]);
     assert_eq!(code, 0, "{err}");
-    let keys: Vec<String> = cli_json(&c, &["sandbox", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["key"].as_str().unwrap().to_owned())
-        .collect();
+    let keys = sandbox_keys(&c);
     assert_eq!(keys, ["pr-1", "pr-b"]);
     assert_eq!(c.tcp(&c.outsider, VIP4), BASELINE, "pr-a pruned");
 }
@@ -254,12 +255,7 @@ fn api_state_survives_a_daemon_restart() {
         "{}",
         daemon.logs()
     );
-    let keys: Vec<String> = cli_json(&c, &["sandbox", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["key"].as_str().unwrap().to_owned())
-        .collect();
+    let keys = sandbox_keys(&c);
     assert_eq!(keys, ["pr-1", "pr-keep"]);
     assert_eq!(c.tcp(&c.outsider, VIP4), FORK);
 }
