@@ -475,7 +475,7 @@ fn check_hooks(pin_dir: &Path, needs: &[&str]) -> Check {
         Ok(load) => hooks_verdict(&load),
         Err(err) => Check::fail(
             HOOKS,
-            format!("the eBPF object did not load: {}", error_chain(&err)),
+            format!("the eBPF object did not load: {}", crate::error_chain(&err)),
             hooks_fix(),
         ),
     };
@@ -577,7 +577,7 @@ fn describe_program_error(err: &ProgramError) -> String {
                 format!("BPF_PROG_LOAD: {io_error}; verifier: {tail}")
             }
         }
-        other => error_chain(other),
+        other => crate::error_chain(other),
     }
 }
 
@@ -594,21 +594,6 @@ fn verifier_tail(log: &str, lines: usize) -> String {
         })
         .collect();
     meaningful[meaningful.len().saturating_sub(lines)..].join(" / ")
-}
-
-/// An error and its sources, each once (aya often repeats its source in its own message).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Where the scratch pin directory goes: the pin directory's nearest existing ancestor, if it

@@ -1,23 +1,12 @@
 //! `redirector`: the node daemon and its command-line interface.
-#![deny(unsafe_op_in_unsafe_fn)]
-
-mod api;
-mod cli;
-mod config;
-mod daemon;
-mod doctor;
-mod kernel;
-mod metrics;
-mod router;
-mod routing_key;
-mod state;
-
 use std::io::IsTerminal as _;
 
 use clap::Parser as _;
+use redirector_user::{
+    api,
+    cli::{self, Cli, LogFormat},
+};
 use tracing_subscriber::EnvFilter;
-
-use crate::cli::{Cli, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -304,6 +304,36 @@ impl Node {
         };
         self.add_netns(&pod.netns)
             .with_context(|| format!("creating pod {name}"))?;
+        self.plumb_pod(&pod)?;
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// First half of a pod sandbox restart: deletes the pod's network namespace (its veth goes
+    /// with it). Processes still running in it keep it alive: stop the pod's servers first.
+    pub fn delete_pod_netns(&mut self, pod: &Pod) -> Result<()> {
+        pod.check_node(self);
+        let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        ip(&["netns", "delete", &pod.netns])
+            .with_context(|| format!("deleting the namespace of pod {}", pod.name))?;
+        Ok(())
+    }
+
+    /// Second half of a pod sandbox restart: a new namespace at the same path with the same
+    /// addresses. The kernel may give it the dead one's nsfs inode number; only its cookie is
+    /// surely new.
+    pub fn restore_pod_netns(&mut self, pod: &Pod) -> Result<()> {
+        pod.check_node(self);
+        {
+            let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            ip(&["netns", "add", &pod.netns])
+                .with_context(|| format!("re-creating the namespace of pod {}", pod.name))?;
+        }
+        self.plumb_pod(pod)
+    }
+
+    /// Sysctls, veth pair to the node bridge, addresses and routes of a pod's new namespace.
+    fn plumb_pod(&self, pod: &Pod) -> Result<()> {
         netns_sysctls(
             &pod.netns,
             &[
@@ -317,13 +347,15 @@ impl Node {
             ],
         )?;
         let veth = pod.veth();
+        // A fixed MAC per pod: a pod whose namespace is re-created keeps its addresses, and the
+        // node's neighbour entries for them must stay right (a CNI sends a gratuitous ARP).
         ip_batch(
             &self.netns,
             &format!(
-                "link add {veth} type veth peer name eth0 netns {}\n\
+                "link add {veth} type veth peer name eth0 address 02:52:44:00:00:{:02x} netns {}\n\
                  link set {veth} master br0\n\
                  link set {veth} up\n",
-                pod.netns
+                pod.index, pod.netns
             ),
         )?;
         ip_batch(
@@ -338,8 +370,7 @@ impl Node {
                 pod.ipv4, pod.ipv6
             ),
         )?;
-        self.pods.push(pod.clone());
-        Ok(pod)
+        Ok(())
     }
 
     /// kube-proxy stand-in: `vip` goes on the backend pod's `lo` (/32 or /128) and the node

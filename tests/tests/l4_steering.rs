@@ -3,7 +3,9 @@
 mod support;
 
 use redirector_tests::CallOpts;
-use support::{BASELINE, Cluster, FORK, OTHER4, VIP4, VIP6, addr};
+use std::time::Duration;
+
+use support::{BASELINE, Cluster, FORK, OTHER4, VIP4, VIP6, addr, cli_json, eventually};
 
 #[test]
 fn member_reaches_the_fork_over_tcp_and_udp_v4_and_v6() {
@@ -92,4 +94,53 @@ fn process_outside_the_attach_cgroup_is_never_steered() {
     assert_eq!(udp.server, BASELINE);
     // And the member in the cgroup still is.
     assert_eq!(c.tcp(&c.member, VIP4), FORK);
+}
+
+/// A pod sandbox restart deletes the pod's network namespace and creates a new one at the same
+/// path; the kernel may even give it the dead one's inode number. The member must be steered
+/// again within a second, whether the new namespace appears at once or after a pause, and
+/// `status` must say what the kernel holds meanwhile.
+#[test]
+fn member_whose_namespace_is_replaced_is_steered_again() {
+    let Some(mut c) = Cluster::new("l4-renewed") else {
+        return;
+    };
+    c.start(&["--poll-interval", "200ms"]);
+    assert_eq!(c.tcp(&c.member, VIP4), FORK, "before the restart");
+    let member = c.member.clone();
+    let member_states = |c: &Cluster| -> Vec<String> {
+        cli_json(c, &["status"])["members"]
+            .as_array()
+            .expect("members in status")
+            .iter()
+            .map(|m| m["state"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+
+    // Replaced at once: no poll can see the path missing.
+    c.node.delete_pod_netns(&member).expect("delete netns");
+    c.node.restore_pod_netns(&member).expect("restore netns");
+    assert!(
+        eventually(Duration::from_secs(1), || c.tcp(&c.member, VIP4) == FORK),
+        "a namespace replaced at once is steered again within a second"
+    );
+    assert_eq!(member_states(&c), ["steered"]);
+
+    // Replaced after a pause: the dead namespace's cookie leaves the kernel meanwhile.
+    c.node.delete_pod_netns(&member).expect("delete netns");
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            let status = cli_json(&c, &["status"]);
+            status["maps"][2]["entries"] == 0 && member_states(&c) == ["unresolved"]
+        }),
+        "a gone namespace leaves the members map and shows as unresolved"
+    );
+    c.node.restore_pod_netns(&member).expect("restore netns");
+    assert!(
+        eventually(Duration::from_secs(1), || c.tcp(&c.member, VIP4) == FORK),
+        "a namespace re-created after a pause is steered again within a second"
+    );
+    assert_eq!(member_states(&c), ["steered"]);
+    // The outsider was never disturbed.
+    assert_eq!(c.tcp(&c.outsider, VIP4), BASELINE);
 }

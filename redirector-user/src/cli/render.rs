@@ -142,6 +142,18 @@ pub fn status(value: &Value) -> String {
         ]);
     }
     out.push_str(&format!("{t}\n"));
+    // Only the members that are not steered: on a busy node the healthy ones are noise.
+    let unhealthy: Vec<&Value> = rows(&value["members"])
+        .iter()
+        .filter(|m| m["state"] != "steered")
+        .collect();
+    if !unhealthy.is_empty() {
+        let mut t = table(&["SANDBOX", "MEMBER", "STATE"]);
+        for m in unhealthy {
+            t.add_row(vec![s(&m["sandbox"]), s(&m["path"]), s(&m["state"])]);
+        }
+        out.push_str(&format!("\n{t}\n"));
+    }
     out
 }
 

@@ -291,11 +291,8 @@ impl Daemon {
                 _ = tick.tick() => {
                     if file.changed() {
                         self.reload("file changed");
-                    } else if self.sync.unresolved_members > 0 {
-                        // A member pod's namespace may have appeared since; retry quietly.
-                        if let Err(err) = self.sync.apply(&self.merged) {
-                            warn!(error = %err, "retrying members failed");
-                        }
+                    } else if let Err(err) = self.sync.follow_members(&self.merged) {
+                        warn!(error = %err, "following member namespaces failed");
                     }
                 }
                 Some(call) = calls.recv() => {

@@ -10,7 +10,7 @@ use crate::{
         server::Query,
         types::{ApiError, GroupSpec, Origin, Owned, RouteSpec, SandboxSpec, ServiceSpec},
     },
-    kernel::{maps::service_key, programs::HOOKS},
+    kernel::{maps::service_key, netns, programs::HOOKS},
     state::DesiredState,
 };
 
@@ -151,6 +151,7 @@ fn status(daemon: &Daemon) -> Value {
     });
     let merged = &daemon.merged;
     json!({
+        "members": members(daemon),
         "version": env!("CARGO_PKG_VERSION"),
         "config": daemon.opts.config,
         "cgroup": daemon.placement.cgroup,
@@ -178,6 +179,46 @@ fn status(daemon: &Daemon) -> Value {
             },
         },
     })
+}
+
+/// Every member path: the namespace it names now against what the kernel's members map holds.
+/// A pod whose namespace was replaced shows as `stale` until the next poll follows it, instead
+/// of looking steered; one whose namespace is gone shows as `unresolved`, with the reason.
+fn members(daemon: &Daemon) -> Value {
+    let in_kernel = daemon.sync.kernel.maps.read_members().unwrap_or_default();
+    let ids = daemon.sync.ids.as_ref();
+    let keys = daemon.merged.routing_keys();
+    let owners: Vec<(&str, &std::path::Path)> = keys
+        .iter()
+        .flat_map(|s| s.members.iter().map(|p| (s.key.as_str(), p.as_path())))
+        .collect();
+    let now = netns::resolve_all(owners.iter().map(|(_, path)| *path));
+    let out: Vec<Value> = owners
+        .iter()
+        .zip(now)
+        .map(|((sandbox, path), (_, now))| {
+            let sandbox_id = ids.and_then(|ids| ids.sandbox_id(sandbox));
+            let (state, error) = match &now {
+                Ok(cookie)
+                    if sandbox_id.is_some() && in_kernel.get(cookie) == sandbox_id.as_ref() =>
+                {
+                    ("steered", None)
+                }
+                Ok(_) if daemon.sync.resolved.contains_key(*path) => ("stale", None),
+                Ok(_) => ("not_applied", None),
+                Err(err) => ("unresolved", Some(crate::error_chain(&err))),
+            };
+            json!({
+                "sandbox": sandbox,
+                "path": path,
+                "state": state,
+                "cookie": now.as_ref().ok(),
+                "kernel_cookie": daemon.sync.resolved.get(*path),
+                "error": error,
+            })
+        })
+        .collect();
+    Value::Array(out)
 }
 
 /// (sandbox or group key, service name) of each route id, for labelling per-route counters.

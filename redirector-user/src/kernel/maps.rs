@@ -283,6 +283,14 @@ impl Maps {
         })
     }
 
+    /// The members map as the kernel holds it now: cookie -> sandbox id.
+    pub fn read_members(&self) -> Result<HashMap<u64, u32>, SyncError> {
+        Ok(read_map(&self.members, "members")?
+            .into_iter()
+            .map(|(cookie, member)| (cookie, member.sandbox_id))
+            .collect())
+    }
+
     /// Makes the kernel hold `desired`, given that it holds `current`; see the module docs for
     /// the ordering. A map too full to hold old and new entries at once has its stale entries
     /// removed first instead: a brief gap is better than refusing a state that fits.

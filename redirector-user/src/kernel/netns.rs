@@ -1,60 +1,140 @@
 //! Network-namespace cookies: how the kernel programs recognise a member pod.
+//!
+//! A member is named by a path (`/run/netns/NAME`, `/proc/PID/ns/net`), but the kernel knows
+//! it by the cookie of the namespace the path names *now*. A pod sandbox restart deletes the
+//! namespace and creates a new one at the same path, and the kernel may hand the new one the
+//! dead one's nsfs inode number, so neither the path nor (device, inode) identifies a
+//! namespace: only the cookie does, and it is never reused. The daemon therefore reads the
+//! cookie of every member path at every poll and compares cookies.
 use std::{
-    collections::{HashMap, HashSet},
     fs::File,
     io,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
 use nix::sched::{CloneFlags, setns};
 
-/// The cookie the kernel gives the network namespace at `path` (`/run/netns/NAME` or
-/// `/proc/PID/ns/net`), the value `bpf_get_netns_cookie` returns for its sockets.
-///
-/// Reads it with `SO_NETNS_COOKIE` (Linux 5.14+) from a socket created inside the namespace by
-/// a short-lived thread, so the daemon's own threads never change namespace.
-pub fn cookie(path: &Path) -> io::Result<u64> {
-    let ns = File::open(path)?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> io::Result<u64> {
-                setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-                let socket = std::net::UdpSocket::bind("127.0.0.1:0")
-                    .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
-                socket_netns_cookie(socket.as_raw_fd())
+/// Why a member path does not name a usable network namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a namespace file (not on nsfs)")]
+    NotNamespace { path: PathBuf },
+    #[error("cannot read the network namespace cookie of {path}")]
+    Cookie {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// nsfs' `f_type` (`NSFS_MAGIC` in linux/magic.h).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// The cookie of the network namespace at `path`, the value `bpf_get_netns_cookie` returns
+/// for its sockets.
+pub fn cookie(path: &Path) -> Result<u64, NetnsError> {
+    resolve_all([path]).pop().map_or_else(
+        || {
+            Err(NetnsError::Cookie {
+                path: path.to_owned(),
+                source: io::Error::other("no answer from the namespace worker"),
             })
+        },
+        |(_, result)| result,
+    )
+}
+
+/// The cookies of the network namespaces at `paths` now, each with its own result, in order.
+///
+/// A worker thread opens every path (non-blocking, so a FIFO or a device at a member path
+/// cannot stall the caller; it must be an nsfs file), then enters each namespace in turn and
+/// reads `SO_NETNS_COOKIE` (Linux 5.14+) from a socket made there. The caller's threads never
+/// change namespace, and one thread serves the whole batch: a poll over thousands of members
+/// costs one thread and a `setns` per member, no thread per member.
+pub fn resolve_all<'a>(
+    paths: impl IntoIterator<Item = &'a Path>,
+) -> Vec<(PathBuf, Result<u64, NetnsError>)> {
+    let paths: Vec<PathBuf> = paths.into_iter().map(Path::to_owned).collect();
+    let worker = {
+        let paths = paths.clone();
+        std::thread::Builder::new()
+            .name("netns-cookies".into())
+            .spawn(move || {
+                // Open everything before entering any namespace: `/proc/self/...` paths name
+                // this thread's own namespaces, which setns changes.
+                let opened: Vec<Result<File, NetnsError>> =
+                    paths.iter().map(|p| open_namespace(p)).collect();
+                paths
+                    .into_iter()
+                    .zip(opened)
+                    .map(|(path, file)| {
+                        let result = file.and_then(|file| {
+                            enter_and_read_cookie(&file).map_err(|source| NetnsError::Cookie {
+                                path: path.clone(),
+                                source,
+                            })
+                        });
+                        (path, result)
+                    })
+                    .collect::<Vec<_>>()
+            })
+    };
+    let failed = |why: &str| {
+        paths
+            .iter()
+            .map(|path| {
+                let source = io::Error::other(why.to_owned());
+                (
+                    path.clone(),
+                    Err(NetnsError::Cookie {
+                        path: path.clone(),
+                        source,
+                    }),
+                )
+            })
+            .collect()
+    };
+    match worker {
+        Ok(handle) => handle
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("netns cookie thread panicked")))
-    })
+            .unwrap_or_else(|_| failed("the namespace worker panicked")),
+        Err(_) => failed("cannot start the namespace worker thread"),
+    }
 }
 
-/// Cookies already read, so a reload with thousands of members does not enter every namespace
-/// again. Keyed by path *and* the namespace file's identity (device, inode): nsfs inode numbers
-/// are reused once a namespace dies, cookies never are, so the path guards against a new pod's
-/// namespace inheriting a dead one's cookie.
-#[derive(Debug, Default)]
-pub struct CookieCache {
-    known: HashMap<(PathBuf, u64, u64), u64>,
+/// Opens `path` as a namespace file without ever blocking, and refuses anything not on nsfs.
+fn open_namespace(path: &Path) -> Result<File, NetnsError> {
+    let open_error = |source: io::Error| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(open_error)?;
+    let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| open_error(e.into()))?;
+    if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+        return Err(NetnsError::NotNamespace {
+            path: path.to_owned(),
+        });
+    }
+    Ok(file)
 }
 
-impl CookieCache {
-    pub fn get(&mut self, path: &Path) -> io::Result<u64> {
-        let meta = std::fs::metadata(path)?;
-        let id = (path.to_owned(), meta.dev(), meta.ino());
-        if let Some(cookie) = self.known.get(&id) {
-            return Ok(*cookie);
-        }
-        let value = cookie(path)?;
-        self.known.insert(id, value);
-        Ok(value)
-    }
-
-    /// Forgets every namespace whose path is not in `paths`.
-    pub fn retain_paths(&mut self, paths: &HashSet<&Path>) {
-        self.known
-            .retain(|(path, _, _), _| paths.contains(path.as_path()));
-    }
+fn enter_and_read_cookie(ns: &File) -> io::Result<u64> {
+    setns(ns, CloneFlags::CLONE_NEWNET)?;
+    // Any socket of the namespace carries its cookie; an unbound one needs no interface up.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .or_else(|_| socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None))?;
+    socket_netns_cookie(socket.as_raw_fd())
 }
 
 fn socket_netns_cookie(fd: i32) -> io::Result<u64> {
@@ -89,12 +169,39 @@ mod tests {
     }
 
     #[test]
-    fn cache_returns_the_same_cookie() {
-        let mut cache = CookieCache::default();
-        let path = Path::new("/proc/self/ns/net");
-        let first = cache.get(path).expect("cookie");
-        assert_eq!(cache.get(path).expect("cached"), first);
-        assert_eq!(first, cookie(path).expect("cookie"));
+    fn a_batch_answers_each_path_in_order() {
+        let own = Path::new("/proc/self/ns/net");
+        let missing = Path::new("/run/netns/definitely-not-here");
+        let results = resolve_all([own, missing, own]);
+        assert_eq!(results.len(), 3);
+        let first = *results[0].1.as_ref().expect("own netns");
+        assert!(matches!(results[1].1, Err(NetnsError::Open { .. })));
+        assert_eq!(*results[2].1.as_ref().expect("own netns again"), first);
+        assert_eq!(results[1].0, missing);
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let err = cookie(&fifo).expect_err("a FIFO is no namespace");
+        assert!(matches!(err, NetnsError::NotNamespace { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_regular_file_or_device_is_refused() {
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        for path in [file.path(), Path::new("/dev/zero")] {
+            let err = cookie(path).expect_err("not a namespace");
+            assert!(matches!(err, NetnsError::NotNamespace { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn another_kind_of_namespace_is_refused() {
+        let err = cookie(Path::new("/proc/self/ns/uts")).expect_err("not a network namespace");
+        assert!(matches!(err, NetnsError::Cookie { .. }), "{err}");
     }
 
     #[test]
