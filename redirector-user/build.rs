@@ -28,12 +28,17 @@ fn main() -> anyhow::Result<()> {
         unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     }
 
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_EBPF_UPGRADE_PROBE").is_some() {
+        &["upgrade-probe"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "redirector-ebpf",
             root_dir: root_dir.as_str(),
             no_default_features: false,
-            features: &[],
+            features,
         }],
         aya_build::Toolchain::Custom(&toolchain),
     )

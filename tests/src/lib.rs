@@ -13,7 +13,7 @@ mod proc;
 mod simnode;
 
 pub use http::HttpReq;
-pub use prereq::{cgroup2_mount, ip_bin, require_e2e, workspace_bin};
+pub use prereq::{cgroup2_mount, ip_bin, require_e2e, under_ci, workspace_bin};
 pub use proc::Daemon;
 pub use simnode::{
     CallOpts, CallResult, NODE_GW_V4, NODE_GW_V6, Node, Pod, Proto, Reply, Server, Session, unmap,

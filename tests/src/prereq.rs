@@ -112,11 +112,16 @@ pub fn require_e2e() -> bool {
     let Some(reason) = MISSING.get_or_init(missing_prerequisite) else {
         return true;
     };
-    if env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1") {
+    if under_ci() {
         panic!("end-to-end prerequisites missing under CI=true: {reason}");
     }
     eprintln!("SKIPPED: end-to-end test cannot run on this machine: {reason}");
     false
+}
+
+/// `CI=true` (or `1`): a missing prerequisite fails the test instead of skipping it.
+pub fn under_ci() -> bool {
+    env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
 /// Path of a binary built from this workspace.

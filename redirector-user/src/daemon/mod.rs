@@ -140,6 +140,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     info!(
         cgroup = %placement.cgroup.display(),
         bpffs = %placement.bpffs.display(),
+        programs = %report.identity,
         attached = ?report.attached,
         adopted = ?report.adopted,
         "programs in place"
@@ -159,6 +160,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let mut sync = Sync::new(kernel, table, handoff);
     let applied = sync.apply(&merged).context("applying the desired state")?;
+    if !report.superseded.is_empty() {
+        // Ours have run beside them since `start`, and the maps now hold the desired state.
+        programs::retire(&placement.bpffs, &report.superseded);
+        info!(programs = %report.identity, replaced = ?report.superseded,
+            "detached the programs of another build");
+    }
 
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
     let api_task = tokio::spawn(api_server::serve(api_listener, calls_tx.clone()));

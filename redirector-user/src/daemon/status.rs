@@ -159,6 +159,7 @@ fn status(daemon: &Daemon) -> Value {
         "api_socket": daemon.placement.api_socket,
         "state_file": daemon.placement.state_file,
         "programs": hooks,
+        "programs_identity": daemon.report.identity,
         "maps": [
             { "map": "services", "entries": entries(|s| s.services.len()), "capacity": map_sizes::SERVICES },
             { "map": "routes", "entries": entries(|s| s.routes.len()), "capacity": map_sizes::ROUTES },

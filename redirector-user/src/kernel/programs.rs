@@ -4,14 +4,20 @@
 //! Layout under the pin directory (default `/sys/fs/bpf/redirector`):
 //!
 //! ```text
-//! RDR_*_v1                 maps, pinned by name (reused on start: the state survives)
-//! links/cg<INODE>/<hook>   one bpf_link per hook, for the cgroup with that inode
+//! RDR_*_v1                              maps, pinned by name (reused on start: the state survives)
+//! links/cg<INODE>/<IDENTITY>/<hook>     one bpf_link per hook, for the cgroup with that inode
 //! ```
 //!
-//! On start, a hook whose link is already pinned for the configured cgroup is adopted, not
-//! attached again, so a restart (even after `kill -9`) never leaves a window without steering and
-//! never stacks duplicate programs. Links pinned for another cgroup are left from an older
-//! config: they are detached once the new ones are in place.
+//! `IDENTITY` names the programs: the map layout version and a hash of the eBPF object
+//! (`v1-0123456789abcdef`). On start, a hook whose link is already pinned for the configured
+//! cgroup *and this identity* is adopted, not attached again, so a restart (even after
+//! `kill -9`) never leaves a window without steering and never stacks duplicate programs.
+//!
+//! A daemon of another build finds links of another identity: it attaches its own programs
+//! beside them (cgroup links stack, so both run for a moment, the old ones first, and steer
+//! alike) and retires the old ones only once its first sync has filled the maps, so there is no
+//! instant where neither runs. Links pinned for another cgroup are left from an older config:
+//! they are detached once the new ones are in place.
 use std::{
     fs::{self, File},
     io,
@@ -27,7 +33,8 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use redirector_common::{RouterConfig, SockAddr, map_names};
+use redirector_common::{MAP_VERSION, RouterConfig, SockAddr, map_names};
+use sha2::{Digest as _, Sha256};
 
 use super::maps::Maps;
 
@@ -98,13 +105,26 @@ pub enum LoadError {
     },
 }
 
+/// Identity of the kernel programs this daemon carries: the map layout version and the first
+/// 64 bits of the eBPF object's SHA-256, e.g. `v1-0123456789abcdef`.
+pub fn identity() -> String {
+    let digest = Sha256::digest(EBPF_OBJECT);
+    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{MAP_VERSION}-{hash}")
+}
+
 /// What starting the kernel side did.
 #[derive(Debug, Clone, Default)]
 pub struct AttachReport {
+    /// [`identity`] of the programs now attached.
+    pub identity: String,
     pub adopted: Vec<&'static str>,
     pub attached: Vec<&'static str>,
     /// Link pins of other cgroups removed (their programs detached).
     pub detached: Vec<PathBuf>,
+    /// Link pins of another build's programs on the same cgroup, still attached beside ours
+    /// until [`retire`] removes them.
+    pub superseded: Vec<PathBuf>,
 }
 
 /// The loaded kernel side: map handles, plus the object kept alive for as long as the daemon
@@ -150,13 +170,18 @@ pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<(Kernel, AttachReport), Lo
         })?
         .ino();
     let links = pin_dir.join(LINKS_DIR);
-    let our_links = links.join(format!("cg{inode}"));
+    let our_cgroup = links.join(format!("cg{inode}"));
+    let identity = identity();
+    let our_links = our_cgroup.join(&identity);
     fs::create_dir_all(&our_links).map_err(|source| LoadError::PinDir {
         path: our_links.clone(),
         source,
     })?;
 
-    let mut report = AttachReport::default();
+    let mut report = AttachReport {
+        identity,
+        ..AttachReport::default()
+    };
     for name in HOOKS {
         let pin = our_links.join(name);
         if pin.exists() {
@@ -171,10 +196,18 @@ pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<(Kernel, AttachReport), Lo
         report.attached.push(name);
     }
 
+    // Another build's links on this cgroup (other identities, or hook pins of the layout
+    // before identities): ours now run beside them, and they go after the first sync.
+    for entry in fs::read_dir(&our_cgroup).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path != our_links {
+            report.superseded.push(path);
+        }
+    }
     // Links of a cgroup the config no longer names: unpinning the last reference detaches.
     for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
         let path = entry.path();
-        if path != our_links {
+        if path != our_cgroup {
             report.detached.push(path.clone());
             remove_pins(&path);
         }
@@ -253,13 +286,34 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
     })
 }
 
-/// Removes every pin under `dir` and the directory itself; pins that are the last reference
-/// detach their links and free their maps.
-fn remove_pins(dir: &Path) {
-    if let Err(err) = fs::remove_dir_all(dir)
+/// Detaches the programs of another build that [`start`] left running beside ours (call it once
+/// the maps hold the desired state), and removes maps pinned under another layout version,
+/// which only those programs used.
+pub fn retire(pin_dir: &Path, superseded: &[PathBuf]) {
+    for path in superseded {
+        remove_pins(path);
+    }
+    for entry in fs::read_dir(pin_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("RDR_") && !map_names::ALL.contains(&name.as_ref()) {
+            remove_pins(&entry.path());
+        }
+    }
+}
+
+/// Removes a pin, or every pin under a directory and the directory itself; pins that are the
+/// last reference detach their links and free their maps.
+fn remove_pins(path: &Path) {
+    let removed = if path.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    };
+    if let Err(err) = removed
         && err.kind() != io::ErrorKind::NotFound
     {
-        tracing::warn!(path = %dir.display(), error = %err, "cannot remove pins");
+        tracing::warn!(path = %path.display(), error = %err, "cannot remove pins");
     }
 }
 
