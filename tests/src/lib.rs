@@ -8,6 +8,7 @@
 
 mod cleanup;
 mod http;
+pub mod k8s;
 mod prereq;
 mod proc;
 mod simnode;

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 
-use crate::setup;
+use crate::{k8s_testenv, setup};
 
 #[derive(clap::Args, Default)]
 pub struct Options {
@@ -18,6 +18,8 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::run(&setup::Options::default())?;
+    // The Kubernetes tests run a real API server and etcd, built once and cached.
+    let k8s = k8s_testenv::ensure()?;
     build_upgrade_probe()?;
     // The e2e tests spawn the `redirector` and `rdr-peer` binaries: build them first so the
     // tests always run the current code.
@@ -25,6 +27,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::status(
         Command::new(env!("CARGO"))
             .args(["test", "--no-fail-fast"])
+            .envs(k8s.env())
             .args(&opts.cargo_test_args),
     )
 }
