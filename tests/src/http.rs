@@ -1,6 +1,7 @@
 //! HTTP peers in pods: [`Pod::serve_http`] starts `rdr-http serve`, [`Pod::http`] runs one
-//! `rdr-http` client subcommand and returns its JSON lines, [`HttpReq`] builds the request
-//! specs of `rdr-http h1|h2 --req SPEC`.
+//! `rdr-http` client subcommand and returns its JSON lines, [`Pod::spawn_http`] starts a client
+//! that keeps running (the `hold` and `stall` attackers), [`HttpReq`] builds the request specs
+//! of `rdr-http h1|h2 --req SPEC`.
 //!
 //! What the server answers and what each client prints is documented in
 //! `src/bin/rdr-http.rs` and `src/bin/rdr_http/`.
@@ -40,7 +41,8 @@ pub struct HttpReq {
     pub headers: Vec<(String, String)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
-    /// `h1` only: wait this long on the open connection before sending.
+    /// Wait this long on the open connection before sending (`h1`: after the previous
+    /// response; `h2`: after the connection opened).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pause_ms: Option<u64>,
 }
@@ -141,9 +143,21 @@ impl Pod {
     /// waits for its `ready` line. It answers HTTP/1.1, h2c and gRPC on `[::]:PORT`; the guard
     /// kills it on drop.
     pub fn serve_http(&self, node: &Node, name: &str, port: u16) -> Result<Server> {
+        self.serve_http_with(node, name, port, &[])
+    }
+
+    /// Like [`Pod::serve_http`], with more `rdr-http serve` options (e.g. `--max-streams N`).
+    pub fn serve_http_with(
+        &self,
+        node: &Node,
+        name: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<Server> {
         check_server_name(name)?;
         let mut cmd = self.command(node, workspace_bin("rdr-http")?, true);
         cmd.args(["serve", "--name", name, "--port", &port.to_string()]);
+        cmd.args(extra);
         let label = format!("{} {}/{name} (http)", node.label(), self.name);
         let proc = Supervised::spawn(
             &label,
@@ -162,6 +176,55 @@ impl Pod {
             Wait::Closed => bail!("[{label}] exited before ready:\n{}", proc.log.text(None)),
             Wait::TimedOut => bail!(
                 "[{label}] not ready within {READY_TIMEOUT:?}:\n{}",
+                proc.log.text(None)
+            ),
+        }
+    }
+
+    /// Starts a long-running `rdr-http <args>` client (such as `hold` or `stall`) in the pod,
+    /// in the test cgroup, and waits up to `ready_within` for its first stdout line, returned
+    /// parsed. The guard kills the client on drop; its name (for logs) is `label`.
+    pub fn spawn_http(
+        &self,
+        node: &Node,
+        label: &str,
+        args: &[&str],
+        ready_within: Duration,
+    ) -> Result<(Server, Value)> {
+        let mut cmd = self.command(node, workspace_bin("rdr-http")?, true);
+        cmd.args(args.iter().map(OsString::from));
+        let what = format!(
+            "{} {}/{label} (`rdr-http {}`)",
+            node.label(),
+            self.name,
+            args.join(" ")
+        );
+        let proc = Supervised::spawn(
+            &what,
+            cmd,
+            SpawnOpts {
+                stdin: false,
+                echo: true,
+                grace: Duration::ZERO,
+            },
+        )?;
+        match proc.log.wait_line(
+            0,
+            Some(Stream::Stdout),
+            |l| l.starts_with('{'),
+            ready_within,
+        ) {
+            Wait::Found(_, line) => {
+                let first = serde_json::from_str(&line)
+                    .with_context(|| format!("[{what}] first line is not JSON: {line:?}"))?;
+                Ok((Server::new(label, &self.name, proc), first))
+            }
+            Wait::Closed => bail!(
+                "[{what}] exited before its first line:\n{}",
+                proc.log.text(None)
+            ),
+            Wait::TimedOut => bail!(
+                "[{what}] printed nothing within {ready_within:?}:\n{}",
                 proc.log.text(None)
             ),
         }

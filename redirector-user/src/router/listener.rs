@@ -7,15 +7,18 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
+use hyper_util::{rt::TokioIo, server::conn::auto};
 use redirector_common::SockAddr;
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::{Dispatch, debug, instrument::WithSubscriber, warn};
 
-use super::{proxy::Proxy, stats::RouterStats, table::canonical};
+use super::{
+    client_errors::ClientErrors,
+    proxy::{Client, Proxy},
+    quiet::QuietExecutor,
+    stats::RouterStats,
+    table::canonical,
+};
 use crate::kernel::maps::{sock_addr, socket_addr};
 
 /// The kernel's hand-off records: client address -> original destination.
@@ -41,12 +44,18 @@ impl OrigDst {
     }
 }
 
-pub async fn accept_loop(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    orig_dst: Arc<OrigDst>,
-    server: Arc<auto::Builder<TokioExecutor>>,
-) {
+/// What serving a client connection takes, shared by the listeners.
+pub struct Acceptor {
+    pub proxy: Arc<Proxy>,
+    pub orig_dst: OrigDst,
+    /// Its executor runs the connections' stream tasks under `quiet`.
+    pub server: auto::Builder<QuietExecutor>,
+    /// What client connections are served under (see `quiet`).
+    pub quiet: Dispatch,
+    pub client_errors: ClientErrors,
+}
+
+pub async fn accept_loop(listener: TcpListener, acceptor: Arc<Acceptor>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -57,22 +66,31 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        RouterStats::bump(&proxy.stats.connections);
-        let Some(dialed) = orig_dst.take(canonical(peer)) else {
+        let stats = &acceptor.proxy.stats;
+        RouterStats::bump(&stats.connections);
+        let Some(dialed) = acceptor.orig_dst.take(canonical(peer)) else {
             // Not handed off by the kernel: the router is not an open proxy.
-            RouterStats::bump(&proxy.stats.connections_refused);
+            RouterStats::bump(&stats.connections_refused);
             debug!(%peer, "connection without a hand-off record; closed");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let server = server.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| proxy.clone().handle(dialed, req));
-            let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(err) = connection.await {
-                debug!(%peer, %dialed, error = %err, "client connection ended with an error");
+        let acceptor = acceptor.clone();
+        let quiet = acceptor.quiet.clone();
+        tokio::spawn(
+            async move {
+                let proxy = acceptor.proxy.clone();
+                // Lives as long as the connection; its HTTP/2 upstream connections with it.
+                let client = Arc::new(Client::new(dialed, &proxy.upstreams));
+                let service = service_fn(move |req| proxy.clone().handle(client.clone(), req));
+                let connection = acceptor
+                    .server
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                if let Err(err) = connection.await {
+                    acceptor.client_errors.record(peer, dialed, err.as_ref());
+                }
             }
-        });
+            .with_subscriber(quiet),
+        );
     }
 }

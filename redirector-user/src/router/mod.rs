@@ -4,8 +4,11 @@
 //! The kernel only hands connections over while the router's heartbeat in `RDR_ROUTER` is fresh,
 //! so a router that stops or dies costs new connections nothing: they go straight to their
 //! destination (fail open).
+mod client_errors;
 mod listener;
 mod proxy;
+mod quiet;
+mod reply;
 pub mod stats;
 pub mod table;
 mod upstream;
@@ -14,18 +17,17 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockMap};
-use hyper_util::{
-    rt::{TokioExecutor, TokioTimer},
-    server::conn::auto,
-};
+use hyper_util::{rt::TokioTimer, server::conn::auto};
 use redirector_common::{ROUTER_SOCKET_V4, ROUTER_SOCKET_V6, RouterConfig, SockAddr};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{error, info};
 
 use self::{
-    listener::{OrigDst, accept_loop},
+    client_errors::ClientErrors,
+    listener::{Acceptor, OrigDst, accept_loop},
     proxy::Proxy,
-    upstream::{PoolSettings, Upstreams},
+    quiet::QuietExecutor,
+    upstream::{PoolSettings, Upstreams, h2},
 };
 pub use self::{stats::RouterStats, table::RouteTable, upstream::ROUTER_MARK};
 use crate::{
@@ -44,13 +46,13 @@ pub struct RouterMaps {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
-    #[error("cannot write the router's address into the kernel: {0}")]
+    #[error("cannot write the router's address into the kernel")]
     Map(#[from] aya::maps::MapError),
 }
 
@@ -105,20 +107,24 @@ impl Router {
             }),
             upstream_header: settings.upstream_header.clone(),
             stats: stats.clone(),
-            metrics,
+            metrics: metrics.clone(),
         });
-        let server = Arc::new(server_builder(settings));
-        let orig_dst = Arc::new(OrigDst::new(orig_dst));
+        let quiet = quiet::dispatcher();
+        let acceptor = Arc::new(Acceptor {
+            proxy,
+            orig_dst: OrigDst::new(orig_dst),
+            server: server_builder(
+                settings,
+                QuietExecutor {
+                    dispatch: quiet.clone(),
+                },
+            ),
+            quiet,
+            client_errors: ClientErrors::new(metrics),
+        });
         let tasks = listeners
             .into_iter()
-            .map(|listener| {
-                tokio::spawn(accept_loop(
-                    listener,
-                    proxy.clone(),
-                    orig_dst.clone(),
-                    server.clone(),
-                ))
-            })
+            .map(|listener| tokio::spawn(accept_loop(listener, acceptor.clone())))
             .collect();
 
         let mut config = RouterConfig {
@@ -204,8 +210,15 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-fn server_builder(settings: &RouterSettings) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// The client side of the router. Its HTTP/2 limits mirror the upstream side's (see
+/// `upstream::h2`): each client connection gets at most as many streams as one upstream
+/// connection carries, and stream and connection windows sized so that the client's stalled
+/// streams (an upstream not reading a request body) never take its other streams' window.
+fn server_builder(
+    settings: &RouterSettings,
+    executor: QuietExecutor,
+) -> auto::Builder<QuietExecutor> {
+    let mut builder = auto::Builder::new(executor);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -214,6 +227,10 @@ fn server_builder(settings: &RouterSettings) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(settings.max_header_bytes as u32);
+        .max_header_list_size(settings.max_header_bytes as u32)
+        .max_concurrent_streams(h2::MAX_STREAMS)
+        .initial_stream_window_size(h2::STREAM_WINDOW)
+        .initial_connection_window_size(h2::CONNECTION_WINDOW)
+        .max_send_buf_size(h2::SEND_BUFFER);
     builder
 }

@@ -14,9 +14,10 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use super::{
+    reply::{self, Cause},
     stats::RouterStats,
     table::{BaselineWhy, Decision, RouteTable},
-    upstream::{SendError, UpstreamError, Upstreams},
+    upstream::{ClientUpstreams, SendError, UpstreamBody, UpstreamError, Upstreams},
 };
 use crate::{
     metrics::{Metrics, outcome},
@@ -24,10 +25,7 @@ use crate::{
     state::ForkErrorPolicy,
 };
 
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
-
-/// Header on responses the router itself produces, naming why.
-pub const ERROR_HEADER: &str = "x-redirector-error";
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 
 pub struct Proxy {
     pub table: Arc<ArcSwap<RouteTable>>,
@@ -67,25 +65,43 @@ impl Served<'_> {
     }
 }
 
+/// One client connection, as the router serves it.
+pub struct Client {
+    /// Where the connection was going when the kernel handed it over.
+    pub dialed: SocketAddr,
+    /// Its upstream connections (HTTP/2 ones are its own; see `upstream`).
+    pub upstreams: ClientUpstreams,
+}
+
+impl Client {
+    pub fn new(dialed: SocketAddr, upstreams: &Upstreams) -> Client {
+        Client {
+            dialed,
+            upstreams: upstreams.for_client(),
+        }
+    }
+}
+
 impl Proxy {
-    /// Routes one request that arrived on a connection originally dialed to `dialed`, and
-    /// records how it went.
+    /// Routes one request of `client`, and records how it went.
     pub async fn handle(
         self: Arc<Self>,
-        dialed: SocketAddr,
+        client: Arc<Client>,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        let (response, sandbox, outcome) = self.route(dialed, req).await;
+        let (response, sandbox, outcome) = self.route(&client, req).await;
         self.metrics.request(&sandbox, outcome, started.elapsed());
         Ok(response)
     }
 
     async fn route(
         &self,
-        dialed: SocketAddr,
+        client: &Client,
         mut req: Request<Incoming>,
     ) -> (Response<ProxyBody>, String, &'static str) {
+        let dialed = client.dialed;
+        let grpc = reply::is_grpc(req.headers());
         let key = self.carriers.extract(req.headers());
         let decision = self.table.load().decide(dialed, &key);
         // Taken before forwarding: the extension does not travel with the request.
@@ -113,7 +129,7 @@ impl Proxy {
         };
         let sandbox = fork.map_or_else(String::new, |(key, _)| key.to_owned());
 
-        let (mut response, served) = match self.upstreams.send(target, req).await {
+        let (mut response, served) = match client.upstreams.send(target, req).await {
             Ok(response) => {
                 let served = match fork {
                     Some((key, _)) => Served::Fork { key, addr: target },
@@ -124,23 +140,28 @@ impl Proxy {
             Err(SendError {
                 error,
                 request: Some(req),
-            }) if error.is_unreachable()
+            }) if matches!(error, UpstreamError::Unreachable { .. })
                 && matches!(fork, Some((_, ForkErrorPolicy::Baseline))) =>
             {
                 RouterStats::bump(&self.stats.fork_fallback);
                 outcome = outcome::FORK_FALLBACK;
                 let key = fork.map_or("", |(key, _)| key);
-                warn!(%error, key, baseline = %dialed, "fork unreachable; sending to the baseline");
-                match self.upstreams.send(dialed, req).await {
+                warn!(
+                    error = %reply::chain(&error),
+                    key,
+                    baseline = %dialed,
+                    "fork unreachable; sending to the baseline"
+                );
+                match client.upstreams.send(dialed, req).await {
                     Ok(response) => (response, Served::Fallback { key, addr: dialed }),
                     Err(SendError { error, .. }) => {
-                        let (response, outcome) = self.failure(&error, false);
+                        let (response, outcome) = self.failure(&error, false, grpc);
                         return (response, sandbox, outcome);
                     }
                 }
             }
             Err(SendError { error, .. }) => {
-                let (response, outcome) = self.failure(&error, fork.is_some());
+                let (response, outcome) = self.failure(&error, fork.is_some(), grpc);
                 return (response, sandbox, outcome);
             }
         };
@@ -160,29 +181,23 @@ impl Proxy {
     }
 
     /// The router's own answer when the upstream could not give one, and its outcome label.
-    fn failure(&self, error: &UpstreamError, to_fork: bool) -> (Response<ProxyBody>, &'static str) {
-        let (status, cause) = match error {
-            UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout"),
-            e if e.is_unreachable() && to_fork => (StatusCode::BAD_GATEWAY, "fork-unreachable"),
-            e if e.is_unreachable() => (StatusCode::BAD_GATEWAY, "upstream-unreachable"),
-            _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
-        };
-        let outcome = if cause == "fork-unreachable" {
-            RouterStats::bump(&self.stats.fork_error);
-            outcome::FORK_ERROR
+    fn failure(
+        &self,
+        error: &UpstreamError,
+        to_fork: bool,
+        grpc: bool,
+    ) -> (Response<ProxyBody>, &'static str) {
+        let cause = Cause::of(error, to_fork);
+        RouterStats::bump(if cause == Cause::ForkUnreachable {
+            &self.stats.fork_error
         } else {
-            RouterStats::bump(&self.stats.upstream_errors);
-            outcome::UPSTREAM_ERROR
-        };
-        debug!(%error, cause, "answering for the upstream");
-        let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
-            "redirector: {cause}: {error}\n"
-        )))));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(ERROR_HEADER, HeaderValue::from_static(cause));
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        (response, outcome)
+            &self.stats.upstream_errors
+        });
+        debug!(error = %reply::chain(error), cause = cause.label(), grpc, "answering for the upstream");
+        (
+            reply::answer(cause, grpc, error).map(Either::Right),
+            cause.outcome(),
+        )
     }
 }
 

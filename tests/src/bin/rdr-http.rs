@@ -7,6 +7,8 @@
 //! object per line on stdout, bound every network wait by `--timeout-ms`, and end with a message
 //! on stderr and exit code 1 on failure.
 
+#[path = "rdr_http/abuse.rs"]
+mod abuse;
 #[path = "rdr_http/client.rs"]
 mod client;
 #[path = "rdr_http/common.rs"]
@@ -62,6 +64,9 @@ enum Cmd {
         name: String,
         #[arg(long)]
         port: u16,
+        /// SETTINGS_MAX_CONCURRENT_STREAMS of HTTP/2 connections (hyper's default: 200).
+        #[arg(long, value_name = "N")]
+        max_streams: Option<u32>,
     },
     /// Requests in sequence on one HTTP/1.1 keep-alive connection; one JSON line per response.
     H1 {
@@ -126,6 +131,38 @@ enum Cmd {
         #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_kv)]
         header: Vec<(String, String)>,
     },
+    /// Attack: keep N streams per connection open with request bodies that never end (a
+    /// stream that ends anyway is opened again); print `{"holding": total}` once sent.
+    Hold {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 1)]
+        connections: u32,
+        /// Streams per connection.
+        #[arg(long, default_value_t = 100)]
+        streams: u32,
+        #[arg(long, default_value = "/who")]
+        path: String,
+        #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_kv)]
+        header: Vec<(String, String)>,
+        /// How long to keep attacking.
+        #[arg(long, value_name = "MS", default_value_t = 60_000)]
+        hold_ms: u64,
+    },
+    /// Attack: N downloads of /bytes/BYTES on one h2c connection whose stream receive window
+    /// is zero; print `{"stalled": N, "statuses": [...]}` once all response headers are in.
+    Stall {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 8)]
+        streams: u32,
+        #[arg(long, default_value_t = 16 * 1024 * 1024)]
+        bytes: u64,
+        #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_kv)]
+        header: Vec<(String, String)>,
+        #[arg(long, value_name = "MS", default_value_t = 60_000)]
+        hold_ms: u64,
+    },
     /// Raw bytes on a plain TCP connection; report what comes back.
     Raw {
         #[command(flatten)]
@@ -158,7 +195,11 @@ fn specs(raw: &[String]) -> Result<Vec<client::ReqSpec>> {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { name, port } => server::serve(name, port).await,
+        Cmd::Serve {
+            name,
+            port,
+            max_streams,
+        } => server::serve(name, port, max_streams).await,
         Cmd::H1 { target, req } => client::h1(target.addr, target.timeout(), &specs(&req)?).await,
         Cmd::H2 { target, req } => client::h2(target.addr, target.timeout(), &specs(&req)?).await,
         Cmd::Grpc {
@@ -192,6 +233,37 @@ async fn run(cmd: Cmd) -> Result<()> {
         } => client::download(target.addr, target.timeout(), bytes, &header, http2).await,
         Cmd::Upgrade { target, header } => {
             client::upgrade(target.addr, target.timeout(), &header).await
+        }
+        Cmd::Hold {
+            target,
+            connections,
+            streams,
+            path,
+            header,
+            hold_ms,
+        } => {
+            let attack = abuse::Attack {
+                addr: target.addr,
+                limit: target.timeout(),
+                headers: &header,
+                hold: Duration::from_millis(hold_ms),
+            };
+            abuse::hold(attack, connections, streams, &path).await
+        }
+        Cmd::Stall {
+            target,
+            streams,
+            bytes,
+            header,
+            hold_ms,
+        } => {
+            let attack = abuse::Attack {
+                addr: target.addr,
+                limit: target.timeout(),
+                headers: &header,
+                hold: Duration::from_millis(hold_ms),
+            };
+            abuse::stall(attack, streams, bytes).await
         }
         Cmd::Raw {
             target,

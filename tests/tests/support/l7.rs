@@ -159,7 +159,13 @@ routes = [
     }
 
     pub fn start(&mut self, routes: Routes) -> &mut Daemon {
-        self.write_config(&self.config_text(routes));
+        self.start_with(&self.config_text(routes))
+    }
+
+    /// Starts the daemon on a config of the caller's making (e.g. [`L7::config_text`] with
+    /// other `[router]` settings).
+    pub fn start_with(&mut self, config: &str) -> &mut Daemon {
+        self.write_config(config);
         let args: Vec<std::ffi::OsString> = vec![
             "run".into(),
             "--config".into(),

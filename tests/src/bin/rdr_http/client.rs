@@ -28,8 +28,9 @@ const KEEP_BODY: usize = 1024 * 1024;
 const MAX_GREETING: usize = 256;
 
 /// One request of `h1`/`h2`: `{"path": "/x", "method": "GET", "headers": [["k","v"]],
-/// "body": "text", "pause_ms": 0}`, every field optional. `pause_ms` (h1 only) waits that long
-/// on the open connection before sending, so a test can change things between requests.
+/// "body": "text", "pause_ms": 0}`, every field optional. `pause_ms` waits that long on the open
+/// connection before sending, so a test can change things between requests: after the previous
+/// response on `h1`, after the connection opened on `h2` (whose streams all start at once).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReqSpec {
@@ -241,7 +242,9 @@ pub async fn h2(addr: SocketAddr, limit: Duration, specs: &[ReqSpec]) -> Result<
         let req = spec_request(&conn, spec)?;
         let mut s = sender.clone();
         let port = conn.local_port;
+        let pause = Duration::from_millis(spec.pause_ms);
         tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
             let started = Instant::now();
             within(limit, "waiting for the connection", s.ready()).await?;
             let what = format!("{} {}", req.method(), req.uri());

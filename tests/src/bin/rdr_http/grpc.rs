@@ -81,12 +81,17 @@ pub async fn serve(name: Arc<str>, req: Request<Incoming>) -> Response<tonic::bo
     }
 }
 
+/// Request metadata that makes `Who` answer only after that many milliseconds (at most
+/// [`MAX_DELAY_MS`]), e.g. to see a proxy's deadline at work.
+pub const DELAY_METADATA: &str = "rdr-delay-ms";
+const MAX_DELAY_MS: u64 = 60_000;
+
 struct Who(Arc<str>);
 
 impl Service<tonic::Request<EchoRequest>> for Who {
     type Response = tonic::Response<EchoReply>;
     type Error = Status;
-    type Future = Ready<Result<Self::Response, Status>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Status>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), Status>> {
         Poll::Ready(Ok(()))
@@ -94,11 +99,23 @@ impl Service<tonic::Request<EchoRequest>> for Who {
 
     fn call(&mut self, req: tonic::Request<EchoRequest>) -> Self::Future {
         let routing = routing(req.metadata());
-        ready(Ok(tonic::Response::new(EchoReply {
-            server: self.0.to_string(),
-            text: req.into_inner().text,
-            routing,
-        })))
+        let delay = req
+            .metadata()
+            .get(DELAY_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| Duration::from_millis(ms.min(MAX_DELAY_MS)));
+        let server = self.0.to_string();
+        Box::pin(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(tonic::Response::new(EchoReply {
+                server,
+                text: req.into_inner().text,
+                routing,
+            }))
+        })
     }
 }
 

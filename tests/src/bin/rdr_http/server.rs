@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -32,6 +33,24 @@ const MAX_DELAY_MS: u64 = 60_000;
 struct Ctx {
     name: Arc<str>,
     served_by: HeaderValue,
+    /// Requests whose handler is running (the answer's headers are not out yet).
+    inflight: AtomicUsize,
+}
+
+/// Counts one running handler in [`Ctx::inflight`] for as long as it lives.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn new(counter: &'a AtomicUsize) -> Busy<'a> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Busy(counter)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The two ends of the connection a request came in on, as the server's socket saw them.
@@ -41,13 +60,14 @@ struct ConnInfo {
     local: Option<SocketAddr>,
 }
 
-pub async fn serve(name: String, port: u16) -> Result<()> {
+pub async fn serve(name: String, port: u16, max_streams: Option<u32>) -> Result<()> {
     let served_by = HeaderValue::from_str(&name)
         .with_context(|| format!("server name {name:?} is not a valid header value"))?;
     let listener = listen(port)?;
     let ctx = Arc::new(Ctx {
         name: name.into(),
         served_by,
+        inflight: AtomicUsize::new(0),
     });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -57,6 +77,10 @@ pub async fn serve(name: String, port: u16) -> Result<()> {
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
+    if let Some(max) = max_streams {
+        // Only when asked: `None` would mean no limit, not hyper's default.
+        builder.http2().max_concurrent_streams(max);
+    }
 
     print_line("ready")?;
     loop {
@@ -110,6 +134,19 @@ fn listen(port: u16) -> Result<TcpListener> {
 }
 
 async fn handle(ctx: &Ctx, conn: ConnInfo, req: Request<Incoming>) -> Response<BoxBody> {
+    if req.method() == Method::GET && req.uri().path() == "/inflight" {
+        // `GET /inflight`: how many other requests are being handled right now, so a test
+        // can wait until streams it cannot observe otherwise have arrived.
+        let body =
+            json!({ "server": &*ctx.name, "inflight": ctx.inflight.load(Ordering::Relaxed) });
+        let mut resp = Response::new(full(format!("{body}\n")));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut()
+            .insert("x-served-by", ctx.served_by.clone());
+        return resp;
+    }
+    let _busy = Busy::new(&ctx.inflight);
     let is_grpc = req
         .headers()
         .get(CONTENT_TYPE)
