@@ -8,28 +8,30 @@
 
 /// Suffix of every pinned map name. Bump it whenever a key or value layout changes, so that a new
 /// daemon never reads maps pinned by an older one with a different layout.
-pub const MAP_VERSION: &str = "v1";
+pub const MAP_VERSION: &str = "v2";
 
 /// Map names, as declared by the kernel programs and pinned under the bpffs directory.
 ///
 /// Keep in sync with the `#[map]` statics in `redirector-ebpf/src/maps.rs`; each ends in
 /// [`MAP_VERSION`].
 pub mod map_names {
-    pub const SERVICES: &str = "RDR_SERVICES_v1";
-    pub const MEMBERS: &str = "RDR_MEMBERS_v1";
-    pub const ROUTES: &str = "RDR_ROUTES_v1";
-    pub const REVNAT: &str = "RDR_REVNAT_v1";
-    pub const STATS: &str = "RDR_STATS_v1";
-    pub const ROUTER: &str = "RDR_ROUTER_v1";
-    pub const HANDOFF: &str = "RDR_HANDOFF_v1";
-    pub const ORIG_DST: &str = "RDR_ORIGDST_v1";
-    pub const ROUTER_SOCKETS: &str = "RDR_RSOCKS_v1";
-    pub const ROUTE_STATS: &str = "RDR_RSTATS_v1";
+    pub const SERVICES: &str = "RDR_SERVICES_v2";
+    pub const MEMBERS: &str = "RDR_MEMBERS_v2";
+    pub const ROUTES: &str = "RDR_ROUTES_v2";
+    pub const ENDPOINTS: &str = "RDR_ENDPTS_v2";
+    pub const REVNAT: &str = "RDR_REVNAT_v2";
+    pub const STATS: &str = "RDR_STATS_v2";
+    pub const ROUTER: &str = "RDR_ROUTER_v2";
+    pub const HANDOFF: &str = "RDR_HANDOFF_v2";
+    pub const ORIG_DST: &str = "RDR_ORIGDST_v2";
+    pub const ROUTER_SOCKETS: &str = "RDR_RSOCKS_v2";
+    pub const ROUTE_STATS: &str = "RDR_RSTATS_v2";
 
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         MEMBERS,
         ROUTES,
+        ENDPOINTS,
         REVNAT,
         STATS,
         ROUTER,
@@ -38,6 +40,39 @@ pub mod map_names {
         ROUTER_SOCKETS,
         ROUTE_STATS,
     ];
+
+    // A name without the version suffix would let a daemon of another layout open the map; one
+    // longer than the kernel keeps (BPF_OBJ_NAME_LEN - 1) shows truncated in bpftool.
+    const _: () = {
+        let mut i = 0;
+        while i < ALL.len() {
+            assert!(
+                super::ends_with(ALL[i], super::MAP_VERSION),
+                "every pinned map name ends with MAP_VERSION"
+            );
+            assert!(
+                ALL[i].len() <= 15,
+                "map names fit the kernel's 15 characters"
+            );
+            i += 1;
+        }
+    };
+}
+
+/// `str::ends_with` for constant evaluation.
+const fn ends_with(name: &str, suffix: &str) -> bool {
+    let (name, suffix) = (name.as_bytes(), suffix.as_bytes());
+    if suffix.len() + 1 > name.len() || name[name.len() - suffix.len() - 1] != b'_' {
+        return false;
+    }
+    let mut i = 0;
+    while i < suffix.len() {
+        if name[name.len() - suffix.len() + i] != suffix[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// Capacities. The daemon reports "map full" against these before it writes anything.
@@ -45,6 +80,10 @@ pub mod map_sizes {
     pub const SERVICES: u32 = 131_072;
     pub const MEMBERS: u32 = 16_384;
     pub const ROUTES: u32 = 131_072;
+    /// Fork endpoints after each route's first (which sits in the route's own value): room for
+    /// an average of three endpoints per route at full route capacity. Allocated on use
+    /// (`BPF_F_NO_PREALLOC`), so an idle capacity costs no memory.
+    pub const ENDPOINTS: u32 = 262_144;
     /// LRU: one entry per steered socket and fork address; old entries age out.
     pub const REVNAT: u32 = 262_144;
     /// LRU: connections handed to the node router whose source port is not known yet
@@ -114,12 +153,60 @@ pub struct MemberValue {
     pub _pad: u32,
 }
 
-/// Key of `RDR_ROUTES`; the value is the fork's [`SockAddr`].
+/// Key of `RDR_ROUTES` (value: [`RouteValue`]) and of `RDR_RSTATS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RouteKey {
     pub service_id: u32,
     pub sandbox_id: u32,
+}
+
+/// Value of `RDR_ROUTES`: the fork's endpoints, a set of `count` addresses numbered from 0 in
+/// the daemon's (sorted) order.
+///
+/// Endpoint 0 sits here, so that the common one-endpoint route costs no lookup beyond the route
+/// itself; endpoints `1..count` are in `RDR_ENDPOINTS`. A connection takes endpoint
+/// [`endpoint_index`]`(socket cookie, count)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RouteValue {
+    pub first: SockAddr,
+    /// At least 1.
+    pub count: u32,
+}
+
+/// Key of `RDR_ENDPOINTS`: endpoint `index` (1 or more; 0 is [`RouteValue::first`]) of a route.
+/// The value is the endpoint's [`SockAddr`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EndpointKey {
+    pub route: RouteKey,
+    pub index: u32,
+}
+
+/// Which of a route's `count` endpoints a socket uses: a hash of its cookie, so a socket keeps
+/// its endpoint for as long as the set keeps its size (an unconnected UDP socket sends every
+/// datagram to one endpoint, and the reverse translation of the replies stays right), while new
+/// sockets spread over all of them.
+///
+/// The cookie is mixed first because cookies count up in steps that depend on what else makes
+/// sockets: a plain `cookie % count` with a step that shares a factor with `count` would pin
+/// every connection to a subset of the endpoints.
+#[inline(always)]
+pub const fn endpoint_index(socket_cookie: u64, count: u32) -> u32 {
+    if count <= 1 {
+        return 0;
+    }
+    // splitmix64's finaliser: every input bit reaches every output bit.
+    let mut x = socket_cookie;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    // Never None (count > 1 here); `checked_rem` keeps a panic path out of the kernel program.
+    match x.checked_rem(count as u64) {
+        Some(index) => index as u32,
+        None => 0,
+    }
 }
 
 /// Key of `RDR_REVNAT`: the fork address a steered socket really talks to. The value is the
@@ -199,6 +286,8 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 8);
     assert!(core::mem::size_of::<MemberValue>() == 8);
     assert!(core::mem::size_of::<RouteKey>() == 8);
+    assert!(core::mem::size_of::<RouteValue>() == 24);
+    assert!(core::mem::size_of::<EndpointKey>() == 12);
     assert!(core::mem::size_of::<RevNatKey>() == 32);
     assert!(core::mem::size_of::<RouterConfig>() == 56);
 };
@@ -214,6 +303,57 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for MemberValue {}
     unsafe impl aya::Pod for RouteKey {}
+    unsafe impl aya::Pod for RouteValue {}
+    unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RouterConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_map_name_ends_with_the_layout_version() {
+        for name in map_names::ALL {
+            assert!(name.starts_with("RDR_"), "{name}");
+            assert!(ends_with(name, MAP_VERSION), "{name}");
+            assert!(name.len() <= 15, "{name} is longer than the kernel keeps");
+        }
+        assert!(!ends_with("RDR_ROUTES_v1", MAP_VERSION));
+        assert!(!ends_with("RDR_ROUTESv2", "v2"));
+        assert!(!ends_with("v2", "v2"));
+    }
+
+    #[test]
+    fn one_endpoint_is_always_index_zero() {
+        for cookie in [0, 1, 7, u64::MAX] {
+            assert_eq!(endpoint_index(cookie, 1), 0);
+            assert_eq!(endpoint_index(cookie, 0), 0);
+        }
+    }
+
+    /// Cookies in steps of 1 to 6 (other sockets take cookies in between) spread evenly over
+    /// 2 to 5 endpoints, including steps that share a factor with the count.
+    #[test]
+    fn counting_cookies_spread_over_every_endpoint() {
+        for step in 1..=6u64 {
+            for count in 2..=5u32 {
+                let mut hits = [0u32; 5];
+                let n = 600u64;
+                for i in 0..n {
+                    let index = endpoint_index(1000 + i * step, count);
+                    assert!(index < count);
+                    hits[index as usize] += 1;
+                }
+                let even = (n / u64::from(count)) as u32;
+                for (i, h) in hits.iter().take(count as usize).enumerate() {
+                    assert!(
+                        *h > even / 2 && *h < even * 3 / 2,
+                        "step {step}, {count} endpoints: endpoint {i} got {h} of {n}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -2,58 +2,65 @@
 //! they drive) outlive a daemon restart. Names and sizes come from `redirector_common`, which
 //! the daemon reads too.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockMap},
 };
 use redirector_common::{
-    MemberValue, RevNatKey, RouteKey, RouterConfig, ServiceKey, ServiceValue, SockAddr, map_sizes,
-    stats,
+    EndpointKey, MemberValue, RevNatKey, RouteKey, RouteValue, RouterConfig, ServiceKey,
+    ServiceValue, SockAddr, map_sizes, stats,
 };
 
 /// Destinations that have at least one fork. A miss here is the fast path.
-#[map(name = "RDR_SERVICES_v1")]
+#[map(name = "RDR_SERVICES_v2")]
 pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(map_sizes::SERVICES, 0);
 
 /// Network-namespace cookie of a member pod -> its sandbox.
-#[map(name = "RDR_MEMBERS_v1")]
+#[map(name = "RDR_MEMBERS_v2")]
 pub(crate) static MEMBERS: HashMap<u64, MemberValue> = HashMap::pinned(map_sizes::MEMBERS, 0);
 
-/// (service, sandbox) -> fork endpoint.
-#[map(name = "RDR_ROUTES_v1")]
-pub(crate) static ROUTES: HashMap<RouteKey, SockAddr> = HashMap::pinned(map_sizes::ROUTES, 0);
+/// (service, sandbox) -> the fork's endpoint count and its first endpoint.
+#[map(name = "RDR_ROUTES_v2")]
+pub(crate) static ROUTES: HashMap<RouteKey, RouteValue> = HashMap::pinned(map_sizes::ROUTES, 0);
+
+/// (route, index) -> the fork's endpoints after the first. Only the daemon writes it, so
+/// allocating on insert costs the data path nothing and leaves unused capacity free.
+#[map(name = "RDR_ENDPTS_v2")]
+pub(crate) static ENDPOINTS: HashMap<EndpointKey, SockAddr> =
+    HashMap::pinned(map_sizes::ENDPOINTS, BPF_F_NO_PREALLOC);
 
 /// (socket, fork endpoint) -> the service address the application dialed.
-#[map(name = "RDR_REVNAT_v1")]
+#[map(name = "RDR_REVNAT_v2")]
 pub(crate) static REVNAT: LruHashMap<RevNatKey, SockAddr> =
     LruHashMap::pinned(map_sizes::REVNAT, 0);
 
 /// Where the node router listens and whether it is alive; one entry, written by the daemon.
-#[map(name = "RDR_ROUTER_v1")]
+#[map(name = "RDR_ROUTER_v2")]
 pub(crate) static ROUTER: Array<RouterConfig> = Array::pinned(1, 0);
 
 /// The router's listening sockets, by `ROUTER_SOCKET_V4`/`_V6`; a closed socket leaves the
 /// map by itself.
-#[map(name = "RDR_RSOCKS_v1")]
+#[map(name = "RDR_RSOCKS_v2")]
 pub(crate) static ROUTER_SOCKETS: SockMap = SockMap::pinned(2, 0);
 
 /// Socket cookie -> original destination of a connection handed to the router, until the
 /// sock_ops program learns its source port.
-#[map(name = "RDR_HANDOFF_v1")]
+#[map(name = "RDR_HANDOFF_v2")]
 pub(crate) static HANDOFF: LruHashMap<u64, SockAddr> = LruHashMap::pinned(map_sizes::HANDOFF, 0);
 
 /// Client address (as the router sees the peer) -> original destination. The router reads and
 /// deletes the entry when it accepts the connection.
-#[map(name = "RDR_ORIGDST_v1")]
+#[map(name = "RDR_ORIGDST_v2")]
 pub(crate) static ORIG_DST: LruHashMap<SockAddr, SockAddr> =
     LruHashMap::pinned(map_sizes::ORIG_DST, 0);
 
 /// Per-CPU event counters, one slot per `redirector_common::stats` constant.
-#[map(name = "RDR_STATS_v1")]
+#[map(name = "RDR_STATS_v2")]
 pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
 /// Connections steered per route, per CPU (metrics). Only the steering path touches it.
-#[map(name = "RDR_RSTATS_v1")]
+#[map(name = "RDR_RSTATS_v2")]
 pub(crate) static ROUTE_STATS: LruPerCpuHashMap<RouteKey, u64> =
     LruPerCpuHashMap::pinned(map_sizes::ROUTE_STATS, 0);
 

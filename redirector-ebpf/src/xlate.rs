@@ -11,14 +11,16 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirector_common::{
-    FAMILY_V4, FAMILY_V6, ROUTER_SOCKET_V4, ROUTER_SOCKET_V6, ROUTER_STALE_NS, RevNatKey, RouteKey,
-    SERVICE_HTTP_HANDOFF, ServiceKey, SockAddr, stats,
+    EndpointKey, FAMILY_V4, FAMILY_V6, ROUTER_SOCKET_V4, ROUTER_SOCKET_V6, ROUTER_STALE_NS,
+    RevNatKey, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF, ServiceKey, SockAddr, endpoint_index,
+    stats,
 };
 
 use crate::{
     ctx,
     maps::{
-        HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, count, count_route,
+        ENDPOINTS, HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, count,
+        count_route,
     },
 };
 
@@ -136,11 +138,35 @@ fn fork_of_member(
         service_id,
         sandbox_id,
     };
-    let fork = ROUTES.get_ptr(&route)?;
+    let value = ROUTES.get_ptr(&route)?;
     // SAFETY: as above; copied out before the map can change under us.
-    let fork = unsafe { *fork };
+    let value = unsafe { *value };
+    let fork = endpoint(ctx, &route, &value);
     // Cannot differ with a daemon-validated state; never rewrite across families.
     (fork.family == dialed.family).then_some((fork, route))
+}
+
+/// The endpoint of the route this socket uses (see `redirector_common::endpoint_index`).
+#[inline(always)]
+fn endpoint(ctx: &SockAddrContext, route: &RouteKey, value: &RouteValue) -> SockAddr {
+    if value.count <= 1 {
+        return value.first;
+    }
+    let index = endpoint_index(ctx::socket_cookie(ctx), value.count);
+    if index == 0 {
+        return value.first;
+    }
+    let key = EndpointKey {
+        route: *route,
+        index,
+    };
+    match ENDPOINTS.get_ptr(&key) {
+        // SAFETY: pointer from a successful lookup, copied out at once.
+        Some(endpoint) => unsafe { *endpoint },
+        // Only while the daemon shrinks the set (it removes endpoints after lowering the count
+        // that this program read before): the value's own first endpoint belongs to its set.
+        None => value.first,
+    }
 }
 
 /// Hands the connection to the node router if it is alive, recording the original destination

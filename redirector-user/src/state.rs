@@ -50,10 +50,28 @@ pub enum ForkErrorPolicy {
     Baseline,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    pub fork: SocketAddr,
+    /// The fork's endpoints: new connections (L4) and requests (L7) spread over all of them.
+    /// A set: sorted, without repeats, and not empty ([`Route::new`] makes it so).
+    pub forks: Vec<SocketAddr>,
     pub on_fork_error: ForkErrorPolicy,
+}
+
+impl Route {
+    /// A route to the endpoints `forks`, sorted and without repeats; None when there are none.
+    pub fn new(
+        forks: impl IntoIterator<Item = SocketAddr>,
+        on_fork_error: ForkErrorPolicy,
+    ) -> Option<Route> {
+        let mut forks: Vec<SocketAddr> = forks.into_iter().collect();
+        forks.sort_unstable();
+        forks.dedup();
+        (!forks.is_empty()).then_some(Route {
+            forks,
+            on_fork_error,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +136,7 @@ impl DesiredState {
                 .sandboxes
                 .iter()
                 .filter_map(|key| self.sandboxes.get(key))
-                .flat_map(|s| s.routes.iter().map(|(k, v)| (k.clone(), *v)))
+                .flat_map(|s| s.routes.iter().map(|(k, v)| (k.clone(), v.clone())))
                 .collect(),
         });
         sandboxes.chain(groups).collect()
@@ -154,16 +172,35 @@ impl DesiredState {
             }
             for (name, route) in &sandbox.routes {
                 let field = format!("sandbox {:?} route {name:?}", sandbox.key);
+                if route.forks.is_empty() {
+                    issue(
+                        field.clone(),
+                        "a route needs at least one fork endpoint".to_owned(),
+                    );
+                }
+                let mut seen = HashSet::new();
+                for fork in &route.forks {
+                    if !seen.insert(fork) {
+                        issue(field.clone(), format!("fork {fork} is listed twice"));
+                    }
+                }
                 match self.services.get(name) {
                     None => issue(field, format!("unknown service {name:?}")),
-                    Some(service) if service.address.is_ipv4() != route.fork.is_ipv4() => issue(
-                        field,
-                        format!(
-                            "fork {} and service address {} must be the same IP family",
-                            route.fork, service.address
-                        ),
-                    ),
-                    Some(_) => {}
+                    Some(service) => {
+                        let other_family = route
+                            .forks
+                            .iter()
+                            .filter(|fork| fork.is_ipv4() != service.address.is_ipv4());
+                        for fork in other_family {
+                            issue(
+                                field.clone(),
+                                format!(
+                                    "fork {fork} and service address {} must be the same IP family",
+                                    service.address
+                                ),
+                            );
+                        }
+                    }
                 }
             }
             for member in &sandbox.members {
@@ -271,10 +308,7 @@ mod tests {
                     members: vec![],
                     routes: [(
                         service.to_owned(),
-                        Route {
-                            fork: fork.parse().unwrap(),
-                            on_fork_error: ForkErrorPolicy::Error,
-                        },
+                        Route::new([fork.parse().unwrap()], ForkErrorPolicy::Error).unwrap(),
                     )]
                     .into(),
                 },
@@ -346,15 +380,55 @@ mod tests {
     }
 
     #[test]
+    fn a_route_is_a_sorted_set_of_endpoints() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let route = Route::new(
+            [
+                addr("10.0.0.3:80"),
+                addr("10.0.0.1:80"),
+                addr("10.0.0.3:80"),
+            ],
+            ForkErrorPolicy::Error,
+        )
+        .unwrap();
+        assert_eq!(route.forks, [addr("10.0.0.1:80"), addr("10.0.0.3:80")]);
+        assert_eq!(Route::new([], ForkErrorPolicy::Error), None);
+    }
+
+    #[test]
+    fn routes_built_by_hand_are_checked_too() {
+        let mut state = state();
+        let route = &mut state.sandboxes.get_mut("pr-1").unwrap().routes;
+        route.get_mut("a").unwrap().forks.clear();
+        state.sandboxes.get_mut("pr-2").unwrap().routes.insert(
+            "b".into(),
+            Route {
+                forks: vec!["10.0.0.2:80".parse().unwrap(); 2],
+                on_fork_error: ForkErrorPolicy::Error,
+            },
+        );
+        let messages: Vec<String> = state
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|i| format!("{}: {}", i.field, i.message))
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "sandbox \"pr-1\" route \"a\": a route needs at least one fork endpoint",
+                "sandbox \"pr-2\" route \"b\": fork 10.0.0.2:80 is listed twice",
+            ]
+        );
+    }
+
+    #[test]
     fn cross_object_rules() {
         let mut state = state();
         state.services.get_mut("b").unwrap().address = "10.96.0.1:80".parse().unwrap();
         state.sandboxes.get_mut("pr-1").unwrap().routes.insert(
             "zzz".into(),
-            Route {
-                fork: "10.0.0.1:1".parse().unwrap(),
-                on_fork_error: ForkErrorPolicy::Error,
-            },
+            Route::new(["10.0.0.1:1".parse().unwrap()], ForkErrorPolicy::Error).unwrap(),
         );
         let issues = state.validate().unwrap_err();
         let fields: Vec<&str> = issues.iter().map(|i| i.field.as_str()).collect();

@@ -242,11 +242,7 @@ routes = [{ service = "a", fork = "10.0.0.9:80" }]
         SandboxSpec {
             key: key.into(),
             members: vec![],
-            routes: vec![RouteSpec {
-                service: service.into(),
-                fork: fork.into(),
-                on_fork_error: ForkErrorPolicy::Error,
-            }],
+            routes: vec![RouteSpec::new(service, [fork], ForkErrorPolicy::Error)],
         }
     }
 
@@ -275,17 +271,20 @@ routes = [{ service = "a", fork = "10.0.0.9:80" }]
             &api,
             Mutation::PutRoute {
                 sandbox: "pr-1".into(),
-                route: RouteSpec {
-                    service: "a".into(),
-                    fork: "10.0.0.2:80".into(),
-                    on_fork_error: ForkErrorPolicy::Baseline,
-                },
+                route: RouteSpec::new(
+                    "a",
+                    ["10.0.0.3:80", "10.0.0.2:80"],
+                    ForkErrorPolicy::Baseline,
+                ),
             },
         )
         .expect("route replaced");
         assert_eq!(
-            api.sandboxes["pr-1"].routes["a"].fork,
-            "10.0.0.2:80".parse().unwrap()
+            api.sandboxes["pr-1"].routes["a"].forks,
+            [
+                "10.0.0.2:80".parse::<std::net::SocketAddr>().unwrap(),
+                "10.0.0.3:80".parse().unwrap()
+            ]
         );
         let api = apply(&file, &api, Mutation::DeleteSandbox("pr-1".into())).expect("deleted");
         assert!(api.sandboxes.is_empty());

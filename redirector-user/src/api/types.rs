@@ -20,11 +20,16 @@ pub struct ServiceSpec {
     pub protocol: Protocol,
 }
 
+/// A route. Its fork's endpoints are `forks`; a request may give a single `fork` instead (the
+/// form from before routes took several), never both. Answers always carry `forks`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
     pub service: String,
-    pub fork: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<String>,
     #[serde(default)]
     pub on_fork_error: ForkErrorPolicy,
 }
@@ -189,20 +194,66 @@ impl ServiceSpec {
 }
 
 impl RouteSpec {
+    /// A route to the endpoints `forks`, as the CLI and other clients build one.
+    pub fn new(
+        service: impl Into<String>,
+        forks: impl IntoIterator<Item = impl Into<String>>,
+        on_fork_error: ForkErrorPolicy,
+    ) -> RouteSpec {
+        RouteSpec {
+            service: service.into(),
+            forks: forks.into_iter().map(Into::into).collect(),
+            fork: None,
+            on_fork_error,
+        }
+    }
+
     pub fn to_state(&self, sandbox: &str, issues: &mut Vec<Issue>) -> Option<Route> {
-        let field = format!("sandbox {sandbox:?} route {:?} fork", self.service);
-        Some(Route {
-            fork: parse_addr(&self.fork, field, issues)?,
-            on_fork_error: self.on_fork_error,
-        })
+        let field = format!("sandbox {sandbox:?} route {:?}", self.service);
+        let (texts, name): (Vec<&String>, &str) = match (&self.fork, self.forks.as_slice()) {
+            (Some(_), [_, ..]) => {
+                issues.push(issue(field, "give either `fork` or `forks`, not both"));
+                return None;
+            }
+            (None, []) => {
+                issues.push(issue(
+                    field,
+                    "a route needs its fork's endpoints: `forks` (or a single `fork`)",
+                ));
+                return None;
+            }
+            (Some(one), []) => (vec![one], "fork"),
+            (None, many) => (many.iter().collect(), "forks"),
+        };
+        let before = issues.len();
+        let mut forks = Vec::with_capacity(texts.len());
+        for (i, text) in texts.into_iter().enumerate() {
+            let field = if name == "fork" {
+                format!("{field} fork")
+            } else {
+                format!("{field} forks[{i}]")
+            };
+            let Some(fork) = parse_addr(text, field.clone(), issues) else {
+                continue;
+            };
+            if forks.contains(&fork) {
+                issues.push(issue(field, format!("{fork} is listed twice")));
+                continue;
+            }
+            forks.push(fork);
+        }
+        if issues.len() > before {
+            return None;
+        }
+        Route::new(forks, self.on_fork_error)
     }
 
     pub fn from_state(service: &str, route: &Route) -> RouteSpec {
-        RouteSpec {
-            service: service.to_owned(),
-            fork: route.fork.to_string(),
-            on_fork_error: route.on_fork_error,
-        }
+        RouteSpec::new(
+            service,
+            route.forks.iter().map(SocketAddr::to_string),
+            route.on_fork_error,
+        )
     }
 }
 
@@ -335,13 +386,111 @@ mod tests {
         let spec: StateSpec = serde_json::from_value(serde_json::json!({
             "services": [{"name": "a", "address": "10.96.0.1:80", "protocol": "http"}],
             "sandboxes": [{"key": "pr-1", "members": ["/run/netns/x"],
-                           "routes": [{"service": "a", "fork": "10.0.0.1:80", "on_fork_error": "baseline"}]}],
+                           "routes": [{"service": "a", "forks": ["10.0.0.1:80", "10.0.0.2:80"],
+                                       "on_fork_error": "baseline"}]}],
             "groups": [{"key": "g", "sandboxes": ["pr-1"]}]
         }))
         .expect("valid json");
         let state = spec.to_state().expect("valid");
         assert_eq!(state.validate(), Ok(()));
         assert_eq!(StateSpec::from_state(&state), spec);
+    }
+
+    fn route(value: serde_json::Value) -> Result<Route, Vec<Issue>> {
+        let spec: RouteSpec = serde_json::from_value(value).expect("valid json");
+        let mut issues = Vec::new();
+        spec.to_state("k", &mut issues).ok_or(issues)
+    }
+
+    #[test]
+    fn a_single_fork_is_a_set_of_one_and_answers_carry_forks() {
+        let one = route(serde_json::json!({"service": "a", "fork": "10.0.0.1:80"})).unwrap();
+        assert_eq!(one.forks, ["10.0.0.1:80".parse().unwrap()]);
+        assert_eq!(
+            one,
+            route(serde_json::json!({"service": "a", "forks": ["10.0.0.1:80"]})).unwrap()
+        );
+        // Sorted, whatever the order given.
+        let many = route(serde_json::json!({"service": "a",
+            "forks": ["10.0.0.3:80", "10.0.0.1:80", "10.0.0.2:80"]}))
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(RouteSpec::from_state("a", &many)).unwrap(),
+            serde_json::json!({"service": "a", "on_fork_error": "error",
+                "forks": ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]})
+        );
+    }
+
+    #[test]
+    fn bad_fork_sets_are_named() {
+        let cases = [
+            (
+                serde_json::json!({"service": "a", "fork": "10.0.0.1:80", "forks": ["10.0.0.2:80"]}),
+                vec![(
+                    "sandbox \"k\" route \"a\"",
+                    "give either `fork` or `forks`, not both",
+                )],
+            ),
+            (
+                serde_json::json!({"service": "a"}),
+                vec![(
+                    "sandbox \"k\" route \"a\"",
+                    "a route needs its fork's endpoints: `forks` (or a single `fork`)",
+                )],
+            ),
+            (
+                serde_json::json!({"service": "a", "forks": []}),
+                vec![(
+                    "sandbox \"k\" route \"a\"",
+                    "a route needs its fork's endpoints: `forks` (or a single `fork`)",
+                )],
+            ),
+            (
+                serde_json::json!({"service": "a", "forks": ["10.0.0.1:80", "nope", "10.0.0.1:80"]}),
+                vec![
+                    (
+                        "sandbox \"k\" route \"a\" forks[1]",
+                        "\"nope\" is not an IP address and port (e.g. 10.96.0.10:8080 or [fd00::10]:8080)",
+                    ),
+                    (
+                        "sandbox \"k\" route \"a\" forks[2]",
+                        "10.0.0.1:80 is listed twice",
+                    ),
+                ],
+            ),
+        ];
+        for (value, want) in cases {
+            let issues = route(value.clone()).unwrap_err();
+            let got: Vec<(&str, &str)> = issues
+                .iter()
+                .map(|i| (i.field.as_str(), i.message.as_str()))
+                .collect();
+            assert_eq!(got, want, "{value}");
+        }
+    }
+
+    #[test]
+    fn endpoint_families_are_checked_against_the_service() {
+        let spec: StateSpec = serde_json::from_value(serde_json::json!({
+            "services": [{"name": "a", "address": "10.96.0.1:80"}],
+            "sandboxes": [{"key": "k", "routes": [{"service": "a",
+                "forks": ["10.0.0.1:80", "[fd00::1]:80"]}]}]
+        }))
+        .expect("valid json");
+        let issues = spec
+            .to_state()
+            .expect("well-formed")
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            issues,
+            [Issue {
+                field: "sandbox \"k\" route \"a\"".into(),
+                message:
+                    "fork [fd00::1]:80 and service address 10.96.0.1:80 must be the same IP family"
+                        .into()
+            }]
+        );
     }
 
     #[test]
@@ -355,11 +504,7 @@ mod tests {
             sandboxes: vec![SandboxSpec {
                 key: "k".into(),
                 members: vec!["relative".into()],
-                routes: vec![RouteSpec {
-                    service: "a".into(),
-                    fork: "10.0.0.1:0".into(),
-                    on_fork_error: ForkErrorPolicy::Error,
-                }],
+                routes: vec![RouteSpec::new("a", ["10.0.0.1:0"], ForkErrorPolicy::Error)],
             }],
             groups: vec![],
         };
@@ -373,7 +518,7 @@ mod tests {
             fields,
             [
                 "service \"a\" address",
-                "sandbox \"k\" route \"a\" fork",
+                "sandbox \"k\" route \"a\" forks[0]",
                 "sandbox \"k\" members"
             ]
         );

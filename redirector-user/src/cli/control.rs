@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use http::Method;
 use serde_json::{Value, json};
 
-use super::{Output, SOCKET_HELP, render};
+use super::{Output, SOCKET_HELP, out, render};
 use crate::{
     api::{
         client,
@@ -43,31 +43,51 @@ pub struct ApplyArgs {
     pub api: ApiArgs,
 }
 
-/// `SERVICE=FORK` on the command line.
+/// `SERVICE=ADDR[,ADDR...]` on the command line.
 #[derive(Debug, Clone)]
 pub struct RouteArg {
     pub service: String,
-    pub fork: String,
+    pub forks: Vec<String>,
 }
 
+/// `ADDR[,ADDR...]` on the command line (a newtype: clap would read a `Vec` as repeated values).
+#[derive(Debug, Clone)]
+pub struct ForksArg(pub Vec<String>);
+
 fn parse_route(s: &str) -> Result<RouteArg, String> {
-    let (service, fork) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected SERVICE=FORK, e.g. svc-a=10.0.1.7:8080"))?;
-    if service.is_empty() || fork.is_empty() {
-        return Err(format!("{s:?}: expected SERVICE=FORK"));
+    let (service, forks) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?}: expected SERVICE=ADDR[,ADDR...], e.g. svc-a=10.0.1.7:8080")
+    })?;
+    if service.is_empty() {
+        return Err(format!("{s:?}: expected SERVICE=ADDR[,ADDR...]"));
     }
     Ok(RouteArg {
         service: service.to_owned(),
-        fork: fork.to_owned(),
+        forks: parse_forks(forks)?,
     })
+}
+
+fn parse_forks_arg(s: &str) -> Result<ForksArg, String> {
+    parse_forks(s).map(ForksArg)
+}
+
+/// `ADDR[,ADDR...]`: a fork's endpoints. The daemon checks the addresses themselves.
+fn parse_forks(s: &str) -> Result<Vec<String>, String> {
+    let forks: Vec<String> = s.split(',').map(|a| a.trim().to_owned()).collect();
+    if forks.iter().any(String::is_empty) {
+        return Err(format!(
+            "{s:?}: expected ADDR[,ADDR...], e.g. 10.0.1.7:8080,10.0.1.8:8080"
+        ));
+    }
+    Ok(forks)
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
     /// Create (or replace) a sandbox.
     #[command(after_help = "Example:\n  redirector sandbox create pr-123 \
-                            --member /run/netns/pr-123-tests --route svc-a=10.0.1.7:8080")]
+                            --member /run/netns/pr-123-tests --route svc-a=10.0.1.7:8080 \
+                            --route db=10.0.1.8:5432,10.0.1.9:5432")]
     Create(SandboxCreateArgs),
     /// Delete a sandbox and its routes.
     Delete(KeyArgs),
@@ -85,8 +105,8 @@ pub struct SandboxCreateArgs {
     /// Network namespace of a member pod (repeatable), e.g. /run/netns/NAME or /proc/PID/ns/net.
     #[arg(long = "member", value_name = "NETNS")]
     pub members: Vec<PathBuf>,
-    /// A route, SERVICE=FORK (repeatable).
-    #[arg(long = "route", value_name = "SERVICE=FORK", value_parser = parse_route)]
+    /// A route, SERVICE=ADDR[,ADDR...]: the fork's endpoints (repeatable).
+    #[arg(long = "route", value_name = "SERVICE=ADDR[,ADDR...]", value_parser = parse_route)]
     pub routes: Vec<RouteArg>,
     /// What the node router does when a fork is down.
     #[arg(long, value_enum, default_value_t = PolicyArg::Error)]
@@ -123,7 +143,8 @@ pub struct KeyArgs {
 pub enum RouteCommand {
     /// Route a service of a sandbox to a fork (replaces an existing route).
     #[command(
-        after_help = "Example:\n  redirector route add pr-123 svc-a 10.0.1.7:8080 --on-fork-error baseline"
+        after_help = "Examples:\n  redirector route add pr-123 svc-a 10.0.1.7:8080 --on-fork-error baseline\n  \
+                      redirector route add pr-123 svc-a 10.0.1.7:8080,10.0.1.8:8080"
     )]
     Add(RouteAddArgs),
     /// Remove a route.
@@ -138,8 +159,10 @@ pub enum RouteCommand {
 pub struct RouteAddArgs {
     pub sandbox: String,
     pub service: String,
-    /// Fork endpoint, ADDRESS:PORT.
-    pub fork: String,
+    /// The fork's endpoints, ADDRESS:PORT[,ADDRESS:PORT...]: new connections and requests
+    /// spread over all of them.
+    #[arg(value_name = "ADDR[,ADDR...]", value_parser = parse_forks_arg)]
+    pub forks: ForksArg,
     #[arg(long, value_enum, default_value_t = PolicyArg::Error)]
     pub on_fork_error: PolicyArg,
     #[command(flatten)]
@@ -276,8 +299,8 @@ fn print(
     table: impl FnOnce(&Value) -> String,
 ) -> anyhow::Result<ExitCode> {
     match api.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Table => print!("{}", table(value)),
+        Output::Json => out::println(serde_json::to_string_pretty(value)?)?,
+        Output::Table => out::print(table(value))?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -363,11 +386,7 @@ pub async fn sandbox(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
                 routes: args
                     .routes
                     .into_iter()
-                    .map(|r| RouteSpec {
-                        service: r.service,
-                        fork: r.fork,
-                        on_fork_error: args.on_fork_error.into(),
-                    })
+                    .map(|r| RouteSpec::new(r.service, r.forks, args.on_fork_error.into()))
                     .collect(),
             };
             put(&args.api, "sandboxes", &args.key, spec, "sandbox").await
@@ -385,11 +404,11 @@ pub async fn sandbox(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
 pub async fn route(cmd: RouteCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         RouteCommand::Add(args) => {
-            let spec = RouteSpec {
-                service: args.service.clone(),
-                fork: args.fork.clone(),
-                on_fork_error: args.on_fork_error.into(),
-            };
+            let spec = RouteSpec::new(
+                args.service.clone(),
+                args.forks.0.clone(),
+                args.on_fork_error.into(),
+            );
             let path = format!(
                 "/v1/sandboxes/{}/routes/{}",
                 segment(&args.sandbox),
@@ -407,7 +426,9 @@ pub async fn route(cmd: RouteCommand) -> anyhow::Result<ExitCode> {
                 &value,
                 format!(
                     "route {} {} -> {} added",
-                    args.sandbox, args.service, args.fork
+                    args.sandbox,
+                    args.service,
+                    args.forks.0.join(",")
                 ),
             )
         }
@@ -475,4 +496,82 @@ pub async fn stats(api: ApiArgs) -> anyhow::Result<ExitCode> {
         bail!("the daemon returned no stats");
     }
     print(&api, &value, render::stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("redirector").chain(args.iter().copied()))
+            .map(|cli| cli.command)
+    }
+
+    #[test]
+    fn route_add_takes_one_endpoint_or_a_list() {
+        for (arg, want) in [
+            ("10.0.1.7:8080", vec!["10.0.1.7:8080"]),
+            (
+                "10.0.1.7:8080,[fd00::8]:8080, 10.0.1.9:8080",
+                vec!["10.0.1.7:8080", "[fd00::8]:8080", "10.0.1.9:8080"],
+            ),
+        ] {
+            match parse(&["route", "add", "pr-1", "svc-a", arg]) {
+                Ok(Command::Route(RouteCommand::Add(args))) => assert_eq!(args.forks.0, want),
+                other => panic!("{arg}: {other:?}"),
+            }
+        }
+        for bad in ["", "10.0.1.7:8080,", ",10.0.1.7:8080"] {
+            assert!(
+                parse(&["route", "add", "pr-1", "svc-a", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sandbox_create_routes_take_one_endpoint_or_a_list() {
+        let Ok(Command::Sandbox(SandboxCommand::Create(args))) = parse(&[
+            "sandbox",
+            "create",
+            "pr-1",
+            "--route",
+            "svc-a=10.0.1.7:8080",
+            "--route",
+            "db=10.0.1.8:5432,10.0.1.9:5432",
+        ]) else {
+            panic!("sandbox create with routes parses");
+        };
+        let routes: Vec<(&str, Vec<&str>)> = args
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.service.as_str(),
+                    r.forks.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                ("svc-a", vec!["10.0.1.7:8080"]),
+                ("db", vec!["10.0.1.8:5432", "10.0.1.9:5432"])
+            ]
+        );
+        for bad in [
+            "svc-a",
+            "svc-a=",
+            "=10.0.1.7:8080",
+            "svc-a=10.0.1.7:8080,,10.0.1.8:8080",
+        ] {
+            assert!(
+                parse(&["sandbox", "create", "pr-1", "--route", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 }

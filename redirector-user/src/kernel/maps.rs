@@ -1,8 +1,12 @@
 //! The kernel maps: encoding the desired state into map entries and applying it without gaps.
 //!
-//! Applying is make-before-break: new and changed entries are written first (routes, then
-//! services, then members), stale ones removed last, so at no instant does a route that exists
-//! in both the old and the new state go missing.
+//! Applying is make-before-break: new and changed entries are written first (fork endpoints,
+//! then routes, then services, then members), stale ones removed last (members, services,
+//! routes, then endpoints), so at no instant does a route that exists in both the old and the
+//! new state go missing. For a route's endpoint set that means: the endpoints a route value
+//! counts are written before the value that makes the set grow, and removed only after the
+//! value that makes it shrink; an endpoint replaced at the same index is one atomic update.
+//! [`plan`] puts the writes in that order; [`Maps::apply`] carries them out.
 use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
@@ -15,8 +19,8 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use redirector_common::{
-    FAMILY_V4, FAMILY_V6, MemberValue, RouteKey, SERVICE_HTTP_HANDOFF, ServiceKey, ServiceValue,
-    SockAddr, map_sizes, stats,
+    EndpointKey, FAMILY_V4, FAMILY_V6, MemberValue, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF,
+    ServiceKey, ServiceValue, SockAddr, map_sizes, stats,
 };
 
 use crate::state::{DesiredState, Protocol};
@@ -87,12 +91,14 @@ pub fn service_key(addr: SocketAddr, protocol: u8) -> ServiceKey {
     }
 }
 
-/// The content of the three state maps.
+/// The content of the four state maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelState {
     pub services: HashMap<ServiceKey, ServiceValue>,
     pub members: HashMap<u64, MemberValue>,
-    pub routes: HashMap<RouteKey, SockAddr>,
+    pub routes: HashMap<RouteKey, RouteValue>,
+    /// Each route's endpoints after the first, at indices `1..count`.
+    pub endpoints: HashMap<EndpointKey, SockAddr>,
 }
 
 /// Integer ids for services and sandboxes, stable for as long as the thing exists.
@@ -247,14 +253,32 @@ pub fn encode(
                 continue;
             };
             let key = service_key(service.address, service.protocol.ip_protocol());
-            let service_id = ids.service(key);
+            let route_key = RouteKey {
+                service_id: ids.service(key),
+                sandbox_id,
+            };
+            // A validated route has at least one endpoint; an empty one stays out of the kernel
+            // (no route: the member reaches the baseline) rather than steer nowhere.
+            let Some((first, others)) = route.forks.split_first() else {
+                continue;
+            };
+            let count = u32::try_from(route.forks.len()).unwrap_or(u32::MAX);
             state.routes.insert(
-                RouteKey {
-                    service_id,
-                    sandbox_id,
+                route_key,
+                RouteValue {
+                    first: sock_addr(*first),
+                    count,
                 },
-                sock_addr(route.fork),
             );
+            for (index, fork) in (1..count).zip(others) {
+                state.endpoints.insert(
+                    EndpointKey {
+                        route: route_key,
+                        index,
+                    },
+                    sock_addr(*fork),
+                );
+            }
         }
     }
     ids.retain(&state, desired);
@@ -265,13 +289,113 @@ pub fn encode(
 pub struct Maps {
     pub services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     pub members: BpfHashMap<MapData, u64, MemberValue>,
-    pub routes: BpfHashMap<MapData, RouteKey, SockAddr>,
+    pub routes: BpfHashMap<MapData, RouteKey, RouteValue>,
+    pub endpoints: BpfHashMap<MapData, EndpointKey, SockAddr>,
     pub stats: PerCpuArray<MapData, u64>,
     pub route_stats: PerCpuHashMap<MapData, RouteKey, u64>,
 }
 
 /// Per-event counters summed over CPUs, in `redirector_common::stats` order.
 pub type Counters = [(&'static str, u64); stats::COUNT as usize];
+
+/// One write of an apply: an entry set (`Some`) or removed (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Service(ServiceKey, Option<ServiceValue>),
+    Member(u64, Option<MemberValue>),
+    Route(RouteKey, Option<RouteValue>),
+    Endpoint(EndpointKey, Option<SockAddr>),
+}
+
+/// The writes that take the kernel from `current` to `desired`, in the order the module docs
+/// give. Fails before anything is written when `desired` does not fit. A map too full to hold
+/// old and new entries at once has its stale entries removed first instead: a brief gap is
+/// better than refusing a state that fits (a route whose endpoints went early falls back to its
+/// first endpoint in the kernel).
+pub fn plan(current: &KernelState, desired: &KernelState) -> Result<Vec<Write>, SyncError> {
+    let routes_fit = check_capacity(
+        "routes",
+        &current.routes,
+        &desired.routes,
+        map_sizes::ROUTES,
+    )?;
+    let endpoints_fit = check_capacity(
+        "endpoints",
+        &current.endpoints,
+        &desired.endpoints,
+        map_sizes::ENDPOINTS,
+    )?;
+    let services_fit = check_capacity(
+        "services",
+        &current.services,
+        &desired.services,
+        map_sizes::SERVICES,
+    )?;
+    let members_fit = check_capacity(
+        "members",
+        &current.members,
+        &desired.members,
+        map_sizes::MEMBERS,
+    )?;
+
+    let mut writes = Vec::new();
+    let w = &mut writes;
+    if !routes_fit {
+        stale(w, &current.routes, &desired.routes, Write::Route);
+    }
+    if !endpoints_fit {
+        stale(w, &current.endpoints, &desired.endpoints, Write::Endpoint);
+    }
+    if !services_fit {
+        stale(w, &current.services, &desired.services, Write::Service);
+    }
+    if !members_fit {
+        stale(w, &current.members, &desired.members, Write::Member);
+    }
+    changed(w, &current.endpoints, &desired.endpoints, Write::Endpoint);
+    changed(w, &current.routes, &desired.routes, Write::Route);
+    changed(w, &current.services, &desired.services, Write::Service);
+    changed(w, &current.members, &desired.members, Write::Member);
+    if members_fit {
+        stale(w, &current.members, &desired.members, Write::Member);
+    }
+    if services_fit {
+        stale(w, &current.services, &desired.services, Write::Service);
+    }
+    if routes_fit {
+        stale(w, &current.routes, &desired.routes, Write::Route);
+    }
+    if endpoints_fit {
+        stale(w, &current.endpoints, &desired.endpoints, Write::Endpoint);
+    }
+    Ok(writes)
+}
+
+/// Sets the entries of `desired` that `current` lacks or holds with another value.
+fn changed<K: Copy + Eq + Hash, V: Copy + PartialEq>(
+    writes: &mut Vec<Write>,
+    current: &HashMap<K, V>,
+    desired: &HashMap<K, V>,
+    write: fn(K, Option<V>) -> Write,
+) {
+    for (key, value) in desired {
+        if current.get(key) != Some(value) {
+            writes.push(write(*key, Some(*value)));
+        }
+    }
+}
+
+/// Removes the entries of `current` that `desired` lacks.
+fn stale<K: Copy + Eq + Hash, V>(
+    writes: &mut Vec<Write>,
+    current: &HashMap<K, V>,
+    desired: &HashMap<K, V>,
+    write: fn(K, Option<V>) -> Write,
+) {
+    for key in current.keys().filter(|k| !desired.contains_key(k)) {
+        writes.push(write(*key, None));
+    }
+}
 
 impl Maps {
     /// What the kernel holds now.
@@ -280,6 +404,7 @@ impl Maps {
             services: read_map(&self.services, "services")?,
             members: read_map(&self.members, "members")?,
             routes: read_map(&self.routes, "routes")?,
+            endpoints: read_map(&self.endpoints, "endpoints")?,
         })
     }
 
@@ -291,74 +416,19 @@ impl Maps {
             .collect())
     }
 
-    /// Makes the kernel hold `desired`, given that it holds `current`; see the module docs for
-    /// the ordering. A map too full to hold old and new entries at once has its stale entries
-    /// removed first instead: a brief gap is better than refusing a state that fits.
+    /// Makes the kernel hold `desired`, given that it holds `current`: the writes of [`plan`],
+    /// in its order.
     pub fn apply(&mut self, current: &KernelState, desired: &KernelState) -> Result<(), SyncError> {
-        let routes_fit = check_capacity(
-            "routes",
-            &current.routes,
-            &desired.routes,
-            map_sizes::ROUTES,
-        )?;
-        let services_fit = check_capacity(
-            "services",
-            &current.services,
-            &desired.services,
-            map_sizes::SERVICES,
-        )?;
-        let members_fit = check_capacity(
-            "members",
-            &current.members,
-            &desired.members,
-            map_sizes::MEMBERS,
-        )?;
-
-        if !routes_fit {
-            remove_stale(&mut self.routes, "routes", &current.routes, &desired.routes)?;
+        for write in plan(current, desired)? {
+            match write {
+                Write::Service(key, value) => put(&mut self.services, "services", &key, value)?,
+                Write::Member(key, value) => put(&mut self.members, "members", &key, value)?,
+                Write::Route(key, value) => put(&mut self.routes, "routes", &key, value)?,
+                Write::Endpoint(key, value) => {
+                    put(&mut self.endpoints, "endpoints", &key, value)?;
+                }
+            }
         }
-        if !services_fit {
-            remove_stale(
-                &mut self.services,
-                "services",
-                &current.services,
-                &desired.services,
-            )?;
-        }
-        if !members_fit {
-            remove_stale(
-                &mut self.members,
-                "members",
-                &current.members,
-                &desired.members,
-            )?;
-        }
-        upsert(&mut self.routes, "routes", &current.routes, &desired.routes)?;
-        upsert(
-            &mut self.services,
-            "services",
-            &current.services,
-            &desired.services,
-        )?;
-        upsert(
-            &mut self.members,
-            "members",
-            &current.members,
-            &desired.members,
-        )?;
-        remove_stale(
-            &mut self.members,
-            "members",
-            &current.members,
-            &desired.members,
-        )?;
-        remove_stale(
-            &mut self.services,
-            "services",
-            &current.services,
-            &desired.services,
-        )?;
-        remove_stale(&mut self.routes, "routes", &current.routes, &desired.routes)?;
         Ok(())
     }
 
@@ -424,43 +494,26 @@ fn check_capacity<K: Eq + Hash, V>(
     Ok(current.len() + added <= capacity as usize)
 }
 
-fn upsert<K: Pod + Eq + Hash, V: Pod + PartialEq>(
+/// Sets (`Some`) or removes (`None`) one entry; removing an absent entry is no error.
+fn put<K: Pod, V: Pod>(
     map: &mut BpfHashMap<MapData, K, V>,
     name: &'static str,
-    current: &HashMap<K, V>,
-    desired: &HashMap<K, V>,
+    key: &K,
+    value: Option<V>,
 ) -> Result<(), SyncError> {
-    for (key, value) in desired {
-        if current.get(key) != Some(value) {
-            map.insert(key, value, 0).map_err(|source| SyncError::Map {
-                map: name,
-                op: "insert",
-                source,
-            })?;
-        }
+    let (op, result) = match value {
+        Some(value) => ("insert", map.insert(key, value, 0)),
+        None => ("remove", map.remove(key)),
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(MapError::KeyNotFound) if value.is_none() => Ok(()),
+        Err(source) => Err(SyncError::Map {
+            map: name,
+            op,
+            source,
+        }),
     }
-    Ok(())
-}
-
-fn remove_stale<K: Pod + Eq + Hash, V: Pod>(
-    map: &mut BpfHashMap<MapData, K, V>,
-    name: &'static str,
-    current: &HashMap<K, V>,
-    desired: &HashMap<K, V>,
-) -> Result<(), SyncError> {
-    for key in current.keys().filter(|k| !desired.contains_key(k)) {
-        match map.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(SyncError::Map {
-                    map: name,
-                    op: "remove",
-                    source,
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -495,12 +548,11 @@ mod tests {
                     members: vec![PathBuf::from(format!("/run/netns/{key}"))],
                     routes: BTreeMap::new(),
                 });
+            // "a,b,c": a fork with several endpoints.
+            let forks = fork.split(',').map(|f| f.parse().unwrap());
             sandbox.routes.insert(
                 service.to_string(),
-                Route {
-                    fork: fork.parse().unwrap(),
-                    on_fork_error: Default::default(),
-                },
+                Route::new(forks, Default::default()).unwrap(),
             );
         }
         state
@@ -639,6 +691,255 @@ mod tests {
         );
         assert!(state.members.is_empty());
         assert_eq!(state.routes.len(), 1);
+    }
+
+    fn route_key(state: &KernelState) -> RouteKey {
+        *state.routes.keys().next().expect("one route")
+    }
+
+    #[test]
+    fn a_route_holds_its_first_endpoint_and_counts_the_others() {
+        let one = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080")]),
+            &mut Ids::default(),
+            &cookies(),
+            Handoff::default(),
+        );
+        let value = one.routes[&route_key(&one)];
+        assert_eq!(value.count, 1);
+        assert_eq!(value.first, sock_addr("10.0.1.7:8080".parse().unwrap()));
+        assert!(one.endpoints.is_empty());
+
+        // Listed in any order: endpoints are numbered in sorted order.
+        let three = encode(
+            &desired(&[("k1", "a", "10.0.1.9:8080,10.0.1.7:8080,10.0.1.8:8080")]),
+            &mut Ids::default(),
+            &cookies(),
+            Handoff::default(),
+        );
+        let route = route_key(&three);
+        assert_eq!(three.routes[&route].count, 3);
+        assert_eq!(
+            three.routes[&route].first,
+            sock_addr("10.0.1.7:8080".parse().unwrap())
+        );
+        let endpoint = |index| three.endpoints[&EndpointKey { route, index }];
+        assert_eq!(endpoint(1), sock_addr("10.0.1.8:8080".parse().unwrap()));
+        assert_eq!(endpoint(2), sock_addr("10.0.1.9:8080".parse().unwrap()));
+        assert_eq!(three.endpoints.len(), 2);
+    }
+
+    /// A plan's route writes and its endpoint writes, each in plan order.
+    fn route_writes(writes: &[Write]) -> (Vec<Write>, Vec<Write>) {
+        let route = writes
+            .iter()
+            .filter(|w| matches!(w, Write::Route(..)))
+            .copied()
+            .collect();
+        let endpoints = writes
+            .iter()
+            .filter(|w| matches!(w, Write::Endpoint(..)))
+            .copied()
+            .collect();
+        (route, endpoints)
+    }
+
+    fn position(writes: &[Write], pred: impl Fn(&Write) -> bool) -> Vec<usize> {
+        writes
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| pred(w))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    #[test]
+    fn a_growing_set_writes_its_endpoints_before_the_count() {
+        let mut ids = Ids::default();
+        let c = cookies();
+        let one = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
+        let three = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080,10.0.1.8:8080,10.0.1.9:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
+        let route = route_key(&one);
+        assert_eq!(route_key(&three), route, "the route keeps its ids");
+
+        let writes = plan(&one, &three).expect("fits");
+        let (routes, endpoints) = route_writes(&writes);
+        assert_eq!(
+            routes,
+            [Write::Route(route, Some(three.routes[&route]))],
+            "one update of the route value"
+        );
+        assert_eq!(endpoints.len(), 2, "{writes:?}");
+        let endpoint_at = position(&writes, |w| matches!(w, Write::Endpoint(_, Some(_))));
+        let route_at = position(&writes, |w| matches!(w, Write::Route(..)));
+        assert!(
+            endpoint_at.iter().all(|e| *e < route_at[0]),
+            "endpoints 1 and 2 exist before the count says 3: {writes:?}"
+        );
+    }
+
+    #[test]
+    fn a_shrinking_set_lowers_the_count_before_removing_endpoints() {
+        let mut ids = Ids::default();
+        let c = cookies();
+        let three = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080,10.0.1.8:8080,10.0.1.9:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
+        // The first endpoint goes too: endpoint 0 changes with the count, in one update.
+        let one = encode(
+            &desired(&[("k1", "a", "10.0.1.9:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
+        let route = route_key(&three);
+        let writes = plan(&three, &one).expect("fits");
+        let (routes, endpoints) = route_writes(&writes);
+        assert_eq!(
+            routes,
+            [Write::Route(
+                route,
+                Some(RouteValue {
+                    first: sock_addr("10.0.1.9:8080".parse().unwrap()),
+                    count: 1
+                })
+            )]
+        );
+        let mut removed: Vec<u32> = endpoints
+            .iter()
+            .map(|w| match w {
+                Write::Endpoint(key, None) => key.index,
+                other => panic!("only removals expected: {other:?}"),
+            })
+            .collect();
+        removed.sort();
+        assert_eq!(removed, [1, 2]);
+        let route_at = position(&writes, |w| matches!(w, Write::Route(..)));
+        let removed_at = position(&writes, |w| matches!(w, Write::Endpoint(_, None)));
+        assert!(
+            removed_at.iter().all(|r| *r > route_at[0]),
+            "endpoints go only once the count no longer reaches them: {writes:?}"
+        );
+        // And back: nothing to do when nothing changed.
+        assert!(plan(&one, &one).expect("fits").is_empty());
+    }
+
+    #[test]
+    fn a_replaced_endpoint_is_one_update_in_place() {
+        let mut ids = Ids::default();
+        let c = cookies();
+        let before = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080,10.0.1.8:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
+        let after = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080,10.0.1.9:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
+        let route = route_key(&before);
+        assert_eq!(
+            plan(&before, &after).expect("fits"),
+            [Write::Endpoint(
+                EndpointKey { route, index: 1 },
+                Some(sock_addr("10.0.1.9:8080".parse().unwrap()))
+            )]
+        );
+    }
+
+    #[test]
+    fn too_many_endpoints_is_map_full_before_any_write() {
+        let route = RouteKey {
+            service_id: 1,
+            sandbox_id: 2,
+        };
+        let mut desired = KernelState::default();
+        desired.routes.insert(
+            route,
+            RouteValue {
+                first: sock_addr("10.0.1.7:8080".parse().unwrap()),
+                count: map_sizes::ENDPOINTS + 2,
+            },
+        );
+        for index in 1..=map_sizes::ENDPOINTS + 1 {
+            desired
+                .endpoints
+                .insert(EndpointKey { route, index }, SockAddr::default());
+        }
+        let err = plan(&KernelState::default(), &desired).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "map endpoints is full: the state needs {} entries, the capacity is {}",
+                map_sizes::ENDPOINTS + 1,
+                map_sizes::ENDPOINTS
+            )
+        );
+    }
+
+    #[test]
+    fn endpoints_that_only_fit_without_the_old_ones_go_first() {
+        let route = |sandbox_id| RouteKey {
+            service_id: 1,
+            sandbox_id,
+        };
+        let fill = |sandbox_id, n: u32| {
+            let mut state = KernelState::default();
+            state.routes.insert(
+                route(sandbox_id),
+                RouteValue {
+                    first: SockAddr::default(),
+                    count: n + 1,
+                },
+            );
+            for index in 1..=n {
+                state.endpoints.insert(
+                    EndpointKey {
+                        route: route(sandbox_id),
+                        index,
+                    },
+                    SockAddr::default(),
+                );
+            }
+            state
+        };
+        // Each state alone fits; both at once do not.
+        let half = map_sizes::ENDPOINTS / 2 + 1;
+        let (old, new) = (fill(1, half), fill(2, half));
+        let writes = plan(&old, &new).expect("the new state fits");
+        let first_insert = writes
+            .iter()
+            .position(|w| matches!(w, Write::Endpoint(_, Some(_))))
+            .expect("inserts");
+        let last_removal = writes
+            .iter()
+            .rposition(|w| matches!(w, Write::Endpoint(_, None)))
+            .expect("removals");
+        assert!(last_removal < first_insert, "stale endpoints go first");
+        assert_eq!(
+            writes
+                .iter()
+                .filter(|w| matches!(w, Write::Endpoint(_, None)))
+                .count(),
+            half as usize,
+            "each stale endpoint is removed once"
+        );
     }
 
     #[test]

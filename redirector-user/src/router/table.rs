@@ -1,8 +1,13 @@
 //! The router's routing table: for each HTTP service address, its forks by routing key.
 //!
 //! Rebuilt from the desired state on every apply and swapped in atomically, so the very next
-//! request sees a route change, including requests on connections opened before it.
-use std::{collections::HashMap, net::SocketAddr};
+//! request sees a route change, including requests on connections opened before it. A fork
+//! with several endpoints gets its requests round-robin, one endpoint per request.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use crate::{
     routing_key::Extracted,
@@ -19,9 +24,36 @@ pub struct RouteTable {
 struct ServiceRoutes {
     name: String,
     /// By routing key.
-    forks: HashMap<String, Fork>,
+    forks: HashMap<String, ForkSet>,
 }
 
+/// A fork's endpoints, taken in turn.
+#[derive(Debug)]
+struct ForkSet {
+    /// Never empty.
+    addrs: Box<[SocketAddr]>,
+    on_error: ForkErrorPolicy,
+    /// Requests routed so far; the next one goes to `addrs[next % len]`. Relaxed: concurrent
+    /// requests need distinct turns, not an order among them.
+    next: AtomicUsize,
+}
+
+impl ForkSet {
+    fn pick(&self) -> Fork {
+        // The counter wraps after usize::MAX requests, which skews one round at most.
+        let turn = match self.addrs.len() {
+            0 | 1 => 0,
+            n => self.next.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        Fork {
+            // In range: `addrs` is never empty (`from_state` skips empty sets).
+            addr: self.addrs[turn],
+            on_error: self.on_error,
+        }
+    }
+}
+
+/// The endpoint of a fork that one request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fork {
     pub addr: SocketAddr,
@@ -59,15 +91,19 @@ impl RouteTable {
             if service.protocol != Protocol::Http {
                 continue;
             }
-            let forks: HashMap<String, Fork> = keys
+            let forks: HashMap<String, ForkSet> = keys
                 .iter()
                 .filter_map(|sandbox| {
                     let route = sandbox.routes.get(&service.name)?;
+                    if route.forks.is_empty() {
+                        return None;
+                    }
                     Some((
                         sandbox.key.clone(),
-                        Fork {
-                            addr: route.fork,
+                        ForkSet {
+                            addrs: route.forks.clone().into_boxed_slice(),
                             on_error: route.on_fork_error,
+                            next: AtomicUsize::new(0),
                         },
                     ))
                 })
@@ -105,10 +141,10 @@ impl RouteTable {
             }
         };
         match service.forks.get(key) {
-            Some(fork) => Decision::Fork {
+            Some(forks) => Decision::Fork {
                 service: service.name.clone(),
                 key: key.clone(),
-                fork: *fork,
+                fork: forks.pick(),
             },
             None => Decision::Baseline {
                 why: BaselineWhy::NoRoute,
@@ -176,6 +212,42 @@ routes = [{ service = "web", fork = "10.0.0.8:8080", on_fork_error = "baseline" 
         assert_eq!(
             t.decide(web, &Extracted::Invalid),
             baseline(BaselineWhy::InvalidKey)
+        );
+    }
+
+    #[test]
+    fn requests_take_a_forks_endpoints_in_turn() {
+        let config = config::parse(
+            r#"
+[[service]]
+name = "web"
+address = "10.96.0.10:8080"
+protocol = "http"
+
+[[sandbox]]
+key = "pr-1"
+routes = [{ service = "web", forks = ["10.0.0.9:8080", "10.0.0.7:8080", "10.0.0.8:8080"] }]
+"#,
+        )
+        .expect("valid");
+        let t = RouteTable::from_state(&config.state);
+        let web: SocketAddr = "10.96.0.10:8080".parse().unwrap();
+        let picks: Vec<String> = (0..6)
+            .map(|_| match t.decide(web, &key("pr-1")) {
+                Decision::Fork { fork, .. } => fork.addr.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                "10.0.0.7:8080",
+                "10.0.0.8:8080",
+                "10.0.0.9:8080",
+                "10.0.0.7:8080",
+                "10.0.0.8:8080",
+                "10.0.0.9:8080"
+            ]
         );
     }
 

@@ -81,6 +81,10 @@ enum SessionProto {
 struct ClientOpts {
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
+    /// Exchanges to make, one JSON line each: TCP opens a new connection for each, UDP sends
+    /// them all from one socket.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    count: u32,
     /// For an IPv4 ADDR, use an AF_INET6 socket and dial the v4-mapped address instead.
     #[arg(long)]
     v6_mapped: bool,
@@ -357,6 +361,13 @@ fn read_reply_line(reader: &mut impl BufRead, timeout: Duration) -> Result<Strin
 }
 
 fn call_tcp(addr: SocketAddr, opts: ClientOpts) -> Result<()> {
+    for _ in 0..opts.count {
+        call_tcp_once(addr, opts)?;
+    }
+    Ok(())
+}
+
+fn call_tcp_once(addr: SocketAddr, opts: ClientOpts) -> Result<()> {
     let mut stream = connect_tcp(addr, opts)?;
     let peer = stream.peer_addr().context("getpeername")?;
     stream
@@ -386,24 +397,29 @@ fn call_udp(addr: SocketAddr, opts: ClientOpts, connected: bool) -> Result<()> {
     let sock = UdpSocket::from(sock);
     sock.set_read_timeout(Some(opts.timeout()))?;
     sock.set_write_timeout(Some(opts.timeout()))?;
-    let mut buf = [0u8; 65536];
-    let (len, from) = if connected {
+    if connected {
         sock.connect(target)
             .with_context(|| format!("connect to {target}"))?;
-        sock.send(b"ping").context("send")?;
-        let len = sock
-            .recv(&mut buf)
-            .map_err(|e| timed_out(e, "waiting for the reply", opts.timeout()))?;
-        (len, sock.peer_addr().context("getpeername")?)
-    } else {
-        sock.send_to(b"ping", target)
-            .with_context(|| format!("sendto {target}"))?;
-        sock.recv_from(&mut buf)
-            .map_err(|e| timed_out(e, "waiting for the reply", opts.timeout()))?
-    };
-    let reply = String::from_utf8_lossy(&buf[..len]);
-    let server = server_name(&reply)?;
-    print_line(&obj(&[("server", &server), ("from", &from.to_string())]))
+    }
+    let mut buf = [0u8; 65536];
+    for _ in 0..opts.count {
+        let (len, from) = if connected {
+            sock.send(b"ping").context("send")?;
+            let len = sock
+                .recv(&mut buf)
+                .map_err(|e| timed_out(e, "waiting for the reply", opts.timeout()))?;
+            (len, sock.peer_addr().context("getpeername")?)
+        } else {
+            sock.send_to(b"ping", target)
+                .with_context(|| format!("sendto {target}"))?;
+            sock.recv_from(&mut buf)
+                .map_err(|e| timed_out(e, "waiting for the reply", opts.timeout()))?
+        };
+        let reply = String::from_utf8_lossy(&buf[..len]);
+        let server = server_name(&reply)?;
+        print_line(&obj(&[("server", &server), ("from", &from.to_string())]))?;
+    }
+    Ok(())
 }
 
 fn session_tcp(addr: SocketAddr, opts: ClientOpts) -> Result<()> {
