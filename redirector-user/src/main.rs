@@ -23,6 +23,16 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(cli::dispatch(cli.command)) {
         Ok(code) => code,
+        Err(err)
+            if err
+                .downcast_ref::<cli::out::StdoutError>()
+                .is_some_and(cli::out::StdoutError::is_closed) =>
+        {
+            // The reader of our output went away (`redirector status | head`): it has what it
+            // wanted. Exit quietly and successfully, as ripgrep does (Rust ignores SIGPIPE, so
+            // the write fails instead of killing us as it would a C tool).
+            std::process::ExitCode::SUCCESS
+        }
         Err(err) => {
             // One place prints the whole error chain, once.
             eprintln!("redirector: {err:#}");

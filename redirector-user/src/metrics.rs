@@ -2,7 +2,13 @@
 //!
 //! Kernel-side numbers (per-CPU counters, per-route steering counts, map occupancy) are read when
 //! scraped; the router counts its requests as they happen.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -49,6 +55,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
 }
@@ -66,6 +77,15 @@ pub mod outcome {
     pub const FORK_ERROR: &str = "fork_error";
     pub const FORK_FALLBACK: &str = "fork_fallback";
     pub const UPSTREAM_ERROR: &str = "upstream_error";
+    /// Every outcome above: what a sandbox's request series are removed by.
+    pub const ALL: [&str; 6] = [
+        FORK,
+        BASELINE,
+        INVALID_KEY,
+        FORK_ERROR,
+        FORK_FALLBACK,
+        UPSTREAM_ERROR,
+    ];
 }
 
 type LatencyHistogram = Family<OutcomeLabels, Histogram, fn() -> Histogram>;
@@ -80,6 +100,15 @@ pub struct Metrics {
     map_capacity: Family<MapLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
     api_changes: Family<ResultLabels, Counter>,
+    client_errors: Family<KindLabels, Counter>,
+    router_shedding: Gauge,
+    router_shed_connections: Counter,
+    /// Every routing key with series, and the services of its `connections_steered` ones, so
+    /// they can be removed with the sandbox (a family cannot list its label sets).
+    keys: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// 1 once the first desired state is in the kernel (with the Kubernetes source: once the
+    /// cluster has been read whole); what `/readyz` answers.
+    ready: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -144,7 +173,34 @@ impl Metrics {
             "Changes requested through the API by result (ok, rejected, failed)",
             api_changes.clone(),
         );
+        let client_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "router_client_errors",
+            "Client connections of the node router that ended on an error, by kind \
+             (protocol, malformed, header_timeout, incomplete, io)",
+            client_errors.clone(),
+        );
+        let router_shedding = Gauge::default();
+        registry.register(
+            "router_shedding",
+            "1 while the node router is short of descriptors and the kernel leaves new \
+             connections direct",
+            router_shedding.clone(),
+        );
+        let router_shed_connections = Counter::default();
+        registry.register(
+            "router_shed_connections",
+            "Connections handed to the node router before it started shedding, closed unserved",
+            router_shed_connections.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 once the first desired state is applied (with Kubernetes: read from the cluster)",
+            ready.clone(),
+        );
         Metrics {
+            ready,
             registry,
             kernel_events,
             steered,
@@ -154,23 +210,55 @@ impl Metrics {
             map_capacity,
             reloads,
             api_changes,
+            client_errors,
+            router_shedding,
+            router_shed_connections,
+            keys: Mutex::default(),
         }
     }
 
     pub fn request(&self, sandbox: &str, outcome: &'static str, took: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                sandbox: sandbox.to_owned(),
-                outcome,
-            })
-            .inc();
+        let labels = RequestLabels {
+            sandbox: sandbox.to_owned(),
+            outcome,
+        };
+        // The same one read lock as `get_or_create` when the series exists; the key is noted
+        // only when it is created.
+        if let Some(counter) = self.requests.get(&labels) {
+            counter.inc();
+        } else {
+            if !sandbox.is_empty() {
+                self.keys_lock().entry(labels.sandbox.clone()).or_default();
+            }
+            self.requests.get_or_create(&labels).inc();
+        }
         self.request_seconds
             .get_or_create(&OutcomeLabels { outcome })
             .observe(took.as_secs_f64());
     }
 
+    pub fn set_ready(&self) {
+        self.ready.set(1);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+
     pub fn reload(&self, result: &'static str) {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn client_error(&self, kind: &'static str) {
+        self.client_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn set_router_shedding(&self, shedding: bool) {
+        self.router_shedding.set(i64::from(shedding));
+    }
+
+    pub fn router_shed_connection(&self) {
+        self.router_shed_connections.inc();
     }
 
     pub fn api_change(&self, result: &'static str) {
@@ -198,6 +286,11 @@ impl Metrics {
     }
 
     pub fn route_steered(&self, sandbox: &str, service: &str, total: u64) {
+        // Called per route at each scrape, not per request: the lock costs nothing that counts.
+        self.keys_lock()
+            .entry(sandbox.to_owned())
+            .or_default()
+            .insert(service.to_owned());
         Self::mirror(
             &self.steered.get_or_create(&RouteLabels {
                 sandbox: sandbox.to_owned(),
@@ -205,6 +298,48 @@ impl Metrics {
             }),
             total,
         );
+    }
+
+    /// Removes the series of a deleted sandbox (or group: any routing key), so that sandboxes
+    /// that come and go do not pile up in every scrape. A later request or route with the key
+    /// starts its series from zero again.
+    pub fn forget_sandbox(&self, key: &str) {
+        if key.is_empty() {
+            // Requests without a fork: not a sandbox's series.
+            return;
+        }
+        for outcome in outcome::ALL {
+            self.requests.remove(&RequestLabels {
+                sandbox: key.to_owned(),
+                outcome,
+            });
+        }
+        let services = self.keys_lock().remove(key).unwrap_or_default();
+        for service in services {
+            self.steered.remove(&RouteLabels {
+                sandbox: key.to_owned(),
+                service,
+            });
+        }
+    }
+
+    /// Removes the series of every routing key that `keep` refuses (see
+    /// [`Metrics::forget_sandbox`]): give it the applied state's sandbox and group keys. It
+    /// also catches series a request still in flight re-created after its key was forgotten.
+    pub fn retain_sandboxes(&self, keep: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = self
+            .keys_lock()
+            .keys()
+            .filter(|key| !keep(key))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.forget_sandbox(&key);
+        }
+    }
+
+    fn keys_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeSet<String>>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn map(&self, map: &'static str, entries: usize, capacity: u32) {
@@ -248,7 +383,39 @@ pub async fn serve(
                 let metrics = metrics.clone();
                 let calls = calls.clone();
                 async move {
-                    let response = if req.uri().path() == "/metrics" {
+                    let response = if req.uri().path() == "/healthz" && !metrics.is_ready() {
+                        // Waiting for the cluster (or starting): alive, the kernel keeps its
+                        // last state meanwhile; restarting would not help.
+                        text_response(StatusCode::OK, "starting\n".to_owned())
+                    } else if req.uri().path() == "/healthz" {
+                        // Alive means the control loop answers, not only this task.
+                        let (reply, done) = oneshot::channel();
+                        let ping = Call {
+                            request: Request::Query(Query::Ping),
+                            reply,
+                        };
+                        let answered = calls.send(ping).await.is_ok()
+                            && tokio::time::timeout(Duration::from_secs(5), done)
+                                .await
+                                .is_ok_and(|r| r.is_ok());
+                        if answered {
+                            text_response(StatusCode::OK, "ok\n".to_owned())
+                        } else {
+                            text_response(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "the control loop does not answer\n".to_owned(),
+                            )
+                        }
+                    } else if req.uri().path() == "/readyz" {
+                        if metrics.is_ready() {
+                            text_response(StatusCode::OK, "ok\n".to_owned())
+                        } else {
+                            text_response(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "not ready: the first state is not applied yet\n".to_owned(),
+                            )
+                        }
+                    } else if req.uri().path() == "/metrics" {
                         let (reply, done) = oneshot::channel();
                         let refresh = Call {
                             request: Request::Query(Query::RefreshMetrics),
@@ -259,7 +426,10 @@ pub async fn serve(
                         }
                         text_response(StatusCode::OK, metrics.encode())
                     } else {
-                        text_response(StatusCode::NOT_FOUND, "try /metrics\n".to_owned())
+                        text_response(
+                            StatusCode::NOT_FOUND,
+                            "try /metrics, /healthz or /readyz\n".to_owned(),
+                        )
                     };
                     Ok::<_, Infallible>(response)
                 }
@@ -310,6 +480,52 @@ mod tests {
             "redirector_map_capacity{map=\"routes\"} 131072",
             "redirector_config_reloads_total{result=\"ok\"} 1",
             "redirector_request_duration_seconds_count{outcome=\"fork\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_deleted_sandbox_takes_its_series_along() {
+        let m = Metrics::new();
+        for outcome in outcome::ALL {
+            m.request("pr-gone", outcome, Duration::from_micros(300));
+        }
+        m.request("pr-kept", outcome::FORK, Duration::from_micros(300));
+        m.request("", outcome::BASELINE, Duration::from_micros(300));
+        m.route_steered("pr-gone", "svc-a", 2);
+        m.route_steered("pr-gone", "svc-b", 3);
+        m.route_steered("pr-kept", "svc-a", 4);
+        m.route_steered("grp-gone", "svc-a", 1);
+
+        m.forget_sandbox("pr-gone");
+        let text = m.encode();
+        assert!(!text.contains("pr-gone"), "series left behind:\n{text}");
+        for needle in [
+            "redirector_requests_total{sandbox=\"pr-kept\",outcome=\"fork\"} 1",
+            "redirector_requests_total{sandbox=\"\",outcome=\"baseline\"} 1",
+            "redirector_connections_steered_total{sandbox=\"pr-kept\",service=\"svc-a\"} 4",
+            "redirector_connections_steered_total{sandbox=\"grp-gone\",service=\"svc-a\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+
+        m.retain_sandboxes(|key| key == "pr-kept");
+        let text = m.encode();
+        assert!(!text.contains("grp-gone"), "series left behind:\n{text}");
+        assert!(text.contains("sandbox=\"pr-kept\""), "{text}");
+        assert!(
+            text.contains("redirector_requests_total{sandbox=\"\",outcome=\"baseline\"} 1"),
+            "requests without a fork are nobody's series: {text}"
+        );
+
+        // Back again: counted from zero.
+        m.request("pr-gone", outcome::FORK, Duration::from_micros(300));
+        m.route_steered("pr-gone", "svc-a", 1);
+        let text = m.encode();
+        for needle in [
+            "redirector_requests_total{sandbox=\"pr-gone\",outcome=\"fork\"} 1",
+            "redirector_connections_steered_total{sandbox=\"pr-gone\",service=\"svc-a\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }

@@ -123,6 +123,9 @@ fn wall_limit(args: &[&str]) -> Duration {
     if args.first() == Some(&"grpc") {
         ms += timeout * 2 * flag_value(args, "--stream").unwrap_or(1);
     }
+    if args.first() == Some(&"idle") {
+        ms += flag_value(args, "--hold-ms").unwrap_or(60_000);
+    }
     if args.first() == Some(&"raw") {
         ms += flag_value(args, "--read-ms").unwrap_or(DEFAULT_READ_MS);
         if let Some(drip) = flag_value(args, "--drip-ms") {

@@ -2,9 +2,18 @@
 //! node, with real traffic proving what the kernel does.
 mod support;
 
-use std::{os::unix::fs::PermissionsExt as _, time::Duration};
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
-use support::{BASELINE, Cluster, FORK, OTHER4, VIP4, cli, cli_json, sample, scrape};
+use redirector_tests::HttpReq;
+use support::{
+    BASELINE, Cluster, FORK, OTHER4, VIP4, cli, cli_json, eventually,
+    l7::{L7, Routes, SVC_A, baggage, served_by},
+    sample, scrape,
+};
 
 /// Keys of the sandboxes the daemon lists, in its order.
 fn sandbox_keys(c: &Cluster) -> Vec<String> {
@@ -357,11 +366,101 @@ fn status_stats_and_metrics_follow_real_traffic() {
 
     // A reload shows up too.
     c.write_config(&c.config_text(false));
-    std::thread::sleep(Duration::from_millis(1500));
-    let reloaded = scrape(&c.node);
+    let mut reloaded = String::new();
+    let counted = eventually(Duration::from_secs(5), || {
+        reloaded = scrape(&c.node);
+        sample(&reloaded, "redirector_config_reloads_total{result=\"ok\"}") == 1.0
+    });
+    assert!(counted, "{reloaded}");
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let Some(mut c) = Cluster::new("api-pipe") else {
+        return;
+    };
+    c.start(&[]);
+    for args in [
+        &["status", "-o", "json"][..],
+        &["status"],
+        &["sandbox", "list"],
+    ] {
+        // `redirector status -o json | head`, with head already gone: every write fails.
+        let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+        drop(read_end);
+        let child = Command::new(support::redirector())
+            .args(args)
+            .arg("--socket")
+            .arg(c.api_socket())
+            .stdout(Stdio::from(write_end))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run redirector CLI");
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "redirector {args:?} into a closed pipe: {} {stderr}",
+            out.status
+        );
+    }
+}
+
+/// `redirector ARGS --socket` against an L7 node's daemon; asserts success.
+fn l7_cli(c: &L7, args: &[&str]) -> String {
+    let out = Command::new(support::redirector())
+        .args(args)
+        .arg("--socket")
+        .arg(c.node.dir().join("api.sock"))
+        .output()
+        .expect("run redirector CLI");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "redirector {args:?}: {text}");
+    text
+}
+
+#[test]
+fn a_deleted_sandbox_leaves_no_metric_series_behind() {
+    let Some(mut c) = L7::new("api-series") else {
+        return;
+    };
+    let pr3_member = c.node.add_pod("pr3-member").expect("pod");
+    c.start(Routes::both());
+    let member = pr3_member.netns_path().to_string_lossy().into_owned();
+    let route = format!("svc-a={}:8080", c.fork2.ipv4);
+    l7_cli(
+        &c,
+        &[
+            "sandbox", "create", "pr-3", "--member", &member, "--route", &route,
+        ],
+    );
+
+    // A series in each per-sandbox family: a request routed on its key, a steered connection.
+    let keyed = HttpReq::get("/who")
+        .header("baggage", &baggage("pr-3"))
+        .spec();
+    let lines = c.http(&c.frontend, &["h1", "--addr", SVC_A, "--req", &keyed]);
+    assert_eq!(served_by(&lines), ["fork-pr2"], "routed on the new key");
+    let lines = c.http(&pr3_member, &["h1", "--addr", SVC_A]);
+    assert_eq!(served_by(&lines), ["fork-pr2"], "the member is steered");
+    let requests = "redirector_requests_total{sandbox=\"pr-3\",outcome=\"fork\"}";
+    let steered = "redirector_connections_steered_total{sandbox=\"pr-3\",service=\"svc-a\"}";
+    let metrics = scrape(&c.node);
+    assert_eq!(sample(&metrics, requests), 1.0, "{metrics}");
+    assert!(sample(&metrics, steered) >= 1.0, "{metrics}");
+
+    l7_cli(&c, &["sandbox", "delete", "pr-3"]);
+    let mut metrics = String::new();
+    let gone = eventually(Duration::from_secs(5), || {
+        metrics = scrape(&c.node);
+        !metrics.contains("sandbox=\"pr-3\"")
+    });
+    assert!(gone, "pr-3's series outlived it:\n{metrics}");
+    let lines = c.http(&c.frontend, &["h1", "--addr", SVC_A, "--req", &keyed]);
     assert_eq!(
-        sample(&reloaded, "redirector_config_reloads_total{result=\"ok\"}"),
-        1.0,
-        "{reloaded}"
+        served_by(&lines),
+        ["baseline"],
+        "the key has no fork any more"
     );
 }

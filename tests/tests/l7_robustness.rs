@@ -1,11 +1,16 @@
 //! The node router under load and abuse: big streaming bodies in bounded memory, upgrades,
-//! `Expect: 100-continue`, and malformed or slow clients that must not disturb anyone else.
+//! `Expect: 100-continue`, malformed or slow clients that must not disturb anyone else, idle
+//! connections that close, and a router out of descriptors that fails open.
 mod support;
 
 use std::time::Duration;
 
-use redirector_tests::HttpReq;
-use support::l7::{L7, Routes, SVC_A, baggage, served_by};
+use redirector_tests::{HttpReq, Pod};
+use support::{
+    eventually,
+    l7::{L7, Routes, SVC_A, baggage, served_by},
+    sample, scrape,
+};
 
 const KEY_HEADER: &str = "baggage=sd-routing-key=pr-1";
 
@@ -224,4 +229,203 @@ fn slow_upstreams_time_out_and_the_router_is_not_an_open_proxy() {
     );
     assert_eq!(chunked[0]["served_by"], "fork-pr1", "{chunked:?}");
     assert_eq!(chunked[0]["intact"], true);
+}
+
+/// Idle connections one pod opens: more than a 1 024 descriptor limit holds.
+const IDLE_CONNECTIONS: &str = "1100";
+
+/// The standard config with a client idle timeout (the header read timeout) that outlasts the
+/// test, so the idle connections stay with the router.
+fn long_idle_config(c: &L7) -> String {
+    let text = c.config_text(Routes::both()).replace(
+        "header_read_timeout_ms = 4000",
+        "header_read_timeout_ms = 120000",
+    );
+    assert!(text.contains("header_read_timeout_ms = 120000"));
+    text
+}
+
+fn hard_nofile() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid, writable rlimit.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    limit.rlim_max
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(Iterator::count)
+        .unwrap_or(0)
+}
+
+/// One keyed request from `pod` on a new connection, bounded well below any idle timeout;
+/// returns who served it (it must be answered).
+fn keyed_request(c: &L7, pod: &Pod) -> String {
+    let spec = HttpReq::get("/who")
+        .header("baggage", &baggage("pr-1"))
+        .spec();
+    let lines = c.http(
+        pod,
+        &[
+            "h1",
+            "--addr",
+            SVC_A,
+            "--timeout-ms",
+            "3000",
+            "--req",
+            &spec,
+        ],
+    );
+    assert_eq!(lines[0]["status"], 200, "{lines:?}");
+    served_by(&lines).remove(0)
+}
+
+#[test]
+fn idle_clients_beyond_a_1024_soft_limit_do_not_lock_other_pods_out() {
+    let Some(mut c) = L7::new("l7-nofile") else {
+        return;
+    };
+    let hard = hard_nofile();
+    assert!(
+        hard >= 4096,
+        "the test needs a hard RLIMIT_NOFILE of at least 4096, not {hard}"
+    );
+    let victim = c.node.add_pod("victim").expect("pod");
+    let config = long_idle_config(&c);
+    // A service manager's default: soft 1 024, the hard limit above it.
+    c.start_limited(&config, Some((1024, hard)));
+    let pid = c.daemon().pid();
+
+    let (_attacker, open) = c
+        .frontend
+        .spawn_http(
+            &c.node,
+            "idle",
+            &[
+                "idle",
+                "--addr",
+                SVC_A,
+                "--connections",
+                IDLE_CONNECTIONS,
+                "--hold-ms",
+                "120000",
+            ],
+            Duration::from_secs(60),
+        )
+        .expect("idle attacker");
+    assert_eq!(open["open"], 1100, "{open}");
+
+    // Routed by the router, on time.
+    for _ in 0..5 {
+        assert_eq!(keyed_request(&c, &victim), "fork-pr1");
+    }
+    assert_eq!(
+        keyed_request(&c, &c.frontend),
+        "fork-pr1",
+        "the attacker's pod too"
+    );
+    // ... while it holds all the idle connections, past the limit it started with.
+    assert!(
+        eventually(Duration::from_secs(10), || open_descriptors(pid) > 1100),
+        "the router holds the idle connections: {} descriptors open",
+        open_descriptors(pid)
+    );
+    c.daemon()
+        .wait_for_log("raised the soft descriptor limit", Duration::from_secs(1))
+        .expect("the raise is logged");
+}
+
+#[test]
+fn a_router_out_of_descriptors_sheds_load_to_the_direct_path_and_recovers() {
+    let Some(mut c) = L7::new("l7-shed") else {
+        return;
+    };
+    let victim = c.node.add_pod("victim").expect("pod");
+    let config = long_idle_config(&c);
+    // No room to raise: the router itself must cope.
+    c.start_limited(&config, Some((1024, 1024)));
+
+    let (attacker, open) = c
+        .frontend
+        .spawn_http(
+            &c.node,
+            "idle",
+            &[
+                "idle",
+                "--addr",
+                SVC_A,
+                "--connections",
+                IDLE_CONNECTIONS,
+                "--hold-ms",
+                "120000",
+            ],
+            Duration::from_secs(60),
+        )
+        .expect("idle attacker");
+    assert_eq!(open["open"], 1100, "{open}");
+
+    // Answered, not left hanging: directly while the router sheds.
+    for _ in 0..5 {
+        let by = keyed_request(&c, &victim);
+        assert!(by == "baseline" || by == "fork-pr1", "served by {by}");
+    }
+    c.daemon()
+        .wait_for_log("shedding", Duration::from_secs(1))
+        .expect("shedding is logged");
+    let metrics = scrape(&c.node);
+    assert_eq!(sample(&metrics, "redirector_router_shedding "), 1.0);
+    assert!(
+        sample(
+            &metrics,
+            "redirector_kernel_events_total{event=\"router_down\"}"
+        ) >= 1.0,
+        "the kernel left connections direct:\n{metrics}"
+    );
+
+    // The idle clients go: the router has room again and routes again.
+    drop(attacker);
+    c.daemon()
+        .wait_for_log("has room again", Duration::from_secs(15))
+        .expect("shedding ends");
+    assert!(
+        eventually(Duration::from_secs(5), || keyed_request(&c, &victim)
+            == "fork-pr1"),
+        "routed by the router again"
+    );
+    assert_eq!(sample(&scrape(&c.node), "redirector_router_shedding "), 0.0);
+}
+
+#[test]
+fn idle_client_connections_close_after_the_idle_timeout_whatever_the_protocol() {
+    let Some(mut c) = L7::new("l7-idle") else {
+        return;
+    };
+    // header_read_timeout_ms is 4000 in this node's config: the client idle timeout.
+    c.start(Routes::both());
+    let c_ref = &c;
+    let idle = |args: &[&str]| {
+        let mut all = vec!["idle", "--addr", SVC_A, "--hold-ms", "12000"];
+        all.extend_from_slice(args);
+        let lines = c_ref.http(&c_ref.frontend, &all);
+        let last = lines.last().expect("a summary line").clone();
+        assert_eq!(last["closed"], 1, "closed by the router: {lines:?}");
+        let after = last["closed_after_ms"][0].as_u64().expect("a close time");
+        assert!(
+            (3500..9000).contains(&after),
+            "closed {after} ms after going idle, not after the 4 s idle timeout"
+        );
+    };
+    let (h2, silent) = std::thread::scope(|scope| {
+        let h2 = scope.spawn(|| idle(&["--http2", "--request"]));
+        let silent = scope.spawn(|| idle(&[]));
+        (h2.join(), silent.join())
+    });
+    h2.expect("an idle HTTP/2 connection after a request");
+    silent.expect("a connection that never sent a byte");
 }

@@ -1,5 +1,6 @@
 //! Everything that touches the kernel: prerequisites, program loading and attachment, the maps,
-//! and network-namespace cookies.
+//! network-namespace cookies, and the process limits the router needs.
+pub mod limits;
 pub mod maps;
 pub mod netns;
 pub mod prereq;

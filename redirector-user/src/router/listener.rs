@@ -1,21 +1,28 @@
 //! Accepting handed-off connections: find where each was going, then serve it as HTTP/1.1 or
 //! HTTP/2 (detected from the connection preface) with per-request routing.
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use hyper::service::service_fn;
 use hyper_util::{rt::TokioIo, server::conn::auto};
 use redirector_common::SockAddr;
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    time::Instant,
+};
 use tracing::{Dispatch, debug, instrument::WithSubscriber, warn};
 
 use super::{
     client_errors::ClientErrors,
+    idle::{Activity, SHUTDOWN_GRACE, Tracked},
     proxy::{Client, Proxy},
     quiet::QuietExecutor,
+    shed::{self, Shed, Why},
     stats::RouterStats,
     table::canonical,
 };
@@ -53,19 +60,44 @@ pub struct Acceptor {
     /// What client connections are served under (see `quiet`).
     pub quiet: Dispatch,
     pub client_errors: ClientErrors,
+    pub shed: Arc<Shed>,
+    /// A client connection without a request in flight for this long is closed (see `idle`).
+    pub idle_timeout: Duration,
 }
 
 pub async fn accept_loop(listener: TcpListener, acceptor: Arc<Acceptor>) {
+    let shed = &acceptor.shed;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
+            Err(err) if shed::exhausted(&err) => {
+                shed.start(Why::AcceptFailed(&err));
+                // The kernel queued these before it heard: close them now so their clients
+                // fail at once (and retry direct) rather than wait for room.
+                let forget = |peer| {
+                    let _ = acceptor.orig_dst.take(canonical(peer));
+                };
+                if !shed.refuse_queued(&listener, forget) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
             Err(err) => {
-                // EMFILE and friends: back off instead of spinning.
+                // A client that gave up while queued, and the like: back off instead of
+                // spinning in case it persists.
                 warn!(error = %err, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        if shed.is_active() {
+            refuse(&acceptor, stream, peer);
+            continue;
+        }
+        if let Some(why) = shed.near_limit(&stream) {
+            // This one is served: the low water leaves it room for its upstream connections.
+            shed.start(why);
+        }
         let stats = &acceptor.proxy.stats;
         RouterStats::bump(&stats.connections);
         let Some(dialed) = acceptor.orig_dst.take(canonical(peer)) else {
@@ -77,20 +109,67 @@ pub async fn accept_loop(listener: TcpListener, acceptor: Arc<Acceptor>) {
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let quiet = acceptor.quiet.clone();
-        tokio::spawn(
-            async move {
-                let proxy = acceptor.proxy.clone();
-                // Lives as long as the connection; its HTTP/2 upstream connections with it.
-                let client = Arc::new(Client::new(dialed, &proxy.upstreams));
-                let service = service_fn(move |req| proxy.clone().handle(client.clone(), req));
-                let connection = acceptor
-                    .server
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                if let Err(err) = connection.await {
-                    acceptor.client_errors.record(peer, dialed, err.as_ref());
-                }
-            }
-            .with_subscriber(quiet),
-        );
+        tokio::spawn(serve(acceptor, stream, peer, dialed).with_subscriber(quiet));
     }
+}
+
+/// Closes a connection handed over before the kernel heard the router sheds, with its record.
+fn refuse(acceptor: &Acceptor, stream: TcpStream, peer: SocketAddr) {
+    let _ = acceptor.orig_dst.take(canonical(peer));
+    acceptor.shed.refuse(stream, peer);
+}
+
+/// Serves one client connection until it ends, or until it has had no request in flight for
+/// the idle timeout.
+async fn serve(acceptor: Arc<Acceptor>, stream: TcpStream, peer: SocketAddr, dialed: SocketAddr) {
+    let proxy = acceptor.proxy.clone();
+    // Lives as long as the connection; its HTTP/2 upstream connections with it.
+    let client = Arc::new(Client::new(dialed, &proxy.upstreams));
+    let activity = Activity::new();
+    let service = service_fn({
+        let activity = activity.clone();
+        move |req| {
+            let busy = activity.begin();
+            let handled = proxy.clone().handle(client.clone(), req);
+            async move {
+                let response = handled.await?;
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, busy)))
+            }
+        }
+    });
+    let connection = acceptor
+        .server
+        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let timeout = acceptor.idle_timeout;
+    let ended = tokio::select! {
+        ended = connection.as_mut() => Some(ended),
+        () = activity.idle_for(timeout, Instant::now()) => None,
+    };
+    let ended = match ended {
+        Some(ended) => ended,
+        None => {
+            RouterStats::bump(&acceptor.proxy.stats.idle_closed);
+            debug!(%peer, %dialed, ?timeout, "client connection idle; closing");
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                ended = connection.as_mut() => match ended {
+                    // Before the protocol was known: the wait for the first bytes was cut.
+                    Err(err) if is_cancelled(err.as_ref()) => Ok(()),
+                    ended => ended,
+                },
+                // A client that holds on (not acknowledging an HTTP/2 GOAWAY) is dropped.
+                () = activity.idle_for(SHUTDOWN_GRACE, Instant::now()) => Ok(()),
+            }
+        }
+    };
+    if let Err(err) = ended {
+        acceptor.client_errors.record(peer, dialed, err.as_ref());
+    }
+}
+
+/// hyper-util's answer to a graceful shutdown while it waits for the first bytes.
+fn is_cancelled(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::Interrupted)
 }

@@ -3,12 +3,15 @@
 //!
 //! The kernel only hands connections over while the router's heartbeat in `RDR_ROUTER` is fresh,
 //! so a router that stops or dies costs new connections nothing: they go straight to their
-//! destination (fail open).
+//! destination (fail open). A router that runs out of descriptors withdraws its heartbeat until
+//! it has room again, for the same effect (see `shed`).
 mod client_errors;
+mod idle;
 mod listener;
 mod proxy;
 mod quiet;
 mod reply;
+mod shed;
 pub mod stats;
 pub mod table;
 mod upstream;
@@ -27,6 +30,7 @@ use self::{
     listener::{Acceptor, OrigDst, accept_loop},
     proxy::Proxy,
     quiet::QuietExecutor,
+    shed::Shed,
     upstream::{PoolSettings, Upstreams, h2},
 };
 pub use self::{stats::RouterStats, table::RouteTable, upstream::ROUTER_MARK};
@@ -67,7 +71,8 @@ pub struct Router {
 
 impl Router {
     /// Binds the listen addresses, starts serving, and starts the heartbeat that makes the
-    /// kernel hand connections over.
+    /// kernel hand connections over. Raise the descriptor limit before (see
+    /// `kernel::limits::raise_nofile`): the router reads it here to know when it runs short.
     pub async fn start(
         settings: &RouterSettings,
         table: Arc<ArcSwap<RouteTable>>,
@@ -110,6 +115,7 @@ impl Router {
             metrics: metrics.clone(),
         });
         let quiet = quiet::dispatcher();
+        let shed = Arc::new(Shed::new(stats.clone(), metrics.clone()));
         let acceptor = Arc::new(Acceptor {
             proxy,
             orig_dst: OrigDst::new(orig_dst),
@@ -121,6 +127,10 @@ impl Router {
             ),
             quiet,
             client_errors: ClientErrors::new(metrics),
+            shed: shed.clone(),
+            // What HTTP/1.1 waits for a next request (hyper's header read timeout), for every
+            // protocol.
+            idle_timeout: settings.header_read_timeout,
         });
         let tasks = listeners
             .into_iter()
@@ -141,7 +151,7 @@ impl Router {
         config.heartbeat_ns = monotonic_ns();
         router_map.set(0, config, 0)?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let heartbeat = tokio::spawn(beat(router_map, config, stopped));
+        let heartbeat = tokio::spawn(beat(router_map, config, shed, stopped));
         info!(listen = ?settings.listen, "node router listening");
         Ok(Router {
             stats,
@@ -168,17 +178,38 @@ impl Router {
     }
 }
 
+/// Refreshes the heartbeat, except while the router sheds load: then it is withdrawn at once
+/// (a heartbeat of 0 is stale to the kernel, which then leaves connections direct as when the
+/// router is down), and restored once the router has room again.
 async fn beat(
     mut map: Array<MapData, RouterConfig>,
     mut config: RouterConfig,
+    shed: Arc<Shed>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> Array<MapData, RouterConfig> {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let mut withdrawn = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = shed.started() => {}
             _ = stopped.changed() => return map,
         }
+        if !shed.try_resume() {
+            if !withdrawn {
+                let stale = RouterConfig {
+                    heartbeat_ns: 0,
+                    ..config
+                };
+                match map.set(0, stale, 0) {
+                    Ok(()) => withdrawn = true,
+                    // Not beating has the same effect within ROUTER_STALE_NS.
+                    Err(err) => error!(error = %err, "cannot withdraw the router's heartbeat"),
+                }
+            }
+            continue;
+        }
+        withdrawn = false;
         config.heartbeat_ns = monotonic_ns();
         if let Err(err) = map.set(0, config, 0) {
             error!(error = %err, "router heartbeat failed; the kernel will stop handing over");

@@ -18,6 +18,12 @@ pub struct RouterStats {
     /// Fork unreachable, sent to the baseline (policy `baseline`).
     pub fork_fallback: AtomicU64,
     pub upstream_errors: AtomicU64,
+    /// Client connections closed after the idle timeout without a request in flight.
+    pub idle_closed: AtomicU64,
+    /// Times the router ran short of descriptors and shed load (see `shed`).
+    pub shed_episodes: AtomicU64,
+    /// Connections handed over before the kernel heard of the shedding, closed unserved.
+    pub connections_shed: AtomicU64,
 }
 
 impl RouterStats {
@@ -48,6 +54,9 @@ impl RouterStats {
             ("fork_error", &self.fork_error),
             ("fork_fallback", &self.fork_fallback),
             ("upstream_errors", &self.upstream_errors),
+            ("idle_closed", &self.idle_closed),
+            ("shed_episodes", &self.shed_episodes),
+            ("connections_shed", &self.connections_shed),
         ]
         .into_iter()
         .map(|(name, counter)| (name, counter.load(Relaxed)))

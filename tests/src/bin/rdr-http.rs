@@ -15,6 +15,8 @@ mod client;
 mod common;
 #[path = "rdr_http/grpc.rs"]
 mod grpc;
+#[path = "rdr_http/idle.rs"]
+mod idle;
 #[path = "rdr_http/raw.rs"]
 mod raw;
 #[path = "rdr_http/server.rs"]
@@ -163,6 +165,22 @@ enum Cmd {
         #[arg(long, value_name = "MS", default_value_t = 60_000)]
         hold_ms: u64,
     },
+    /// Open N connections and leave them idle (plain: not a byte sent; --http2: after the
+    /// handshake, and with --request one GET /who); print `{"open": N}`, then, once all were
+    /// closed by the server or --hold-ms passed, `{"closed": K, "closed_after_ms": [...]}`.
+    Idle {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 1)]
+        connections: u32,
+        #[arg(long)]
+        http2: bool,
+        /// HTTP/2 only: one request before going idle.
+        #[arg(long, requires = "http2")]
+        request: bool,
+        #[arg(long, value_name = "MS", default_value_t = 60_000)]
+        hold_ms: u64,
+    },
     /// Raw bytes on a plain TCP connection; report what comes back.
     Raw {
         #[command(flatten)]
@@ -264,6 +282,23 @@ async fn run(cmd: Cmd) -> Result<()> {
                 hold: Duration::from_millis(hold_ms),
             };
             abuse::stall(attack, streams, bytes).await
+        }
+        Cmd::Idle {
+            target,
+            connections,
+            http2,
+            request,
+            hold_ms,
+        } => {
+            idle::idle(idle::Idle {
+                addr: target.addr,
+                limit: target.timeout(),
+                connections,
+                http2,
+                request,
+                hold: Duration::from_millis(hold_ms),
+            })
+            .await
         }
         Cmd::Raw {
             target,

@@ -165,18 +165,37 @@ routes = [
     /// Starts the daemon on a config of the caller's making (e.g. [`L7::config_text`] with
     /// other `[router]` settings).
     pub fn start_with(&mut self, config: &str) -> &mut Daemon {
+        self.start_limited(config, None)
+    }
+
+    /// Like [`L7::start_with`], with the daemon started under `RLIMIT_NOFILE` (soft, hard) as a
+    /// service manager would set it.
+    pub fn start_limited(&mut self, config: &str, nofile: Option<(u64, u64)>) -> &mut Daemon {
         self.write_config(config);
-        let args: Vec<std::ffi::OsString> = vec![
-            "run".into(),
-            "--config".into(),
-            self.config.clone().into(),
-            "--poll-interval".into(),
-            "200ms".into(),
-        ];
-        let daemon = self
-            .node
-            .spawn_daemon("redirector", &redirector(), &args)
-            .expect("spawn daemon");
+        let mut cmd = self.node.command(redirector());
+        cmd.args([
+            "run".as_ref(),
+            "--config".as_ref(),
+            self.config.as_os_str(),
+            "--poll-interval".as_ref(),
+            "200ms".as_ref(),
+        ]);
+        if let Some((soft, hard)) = nofile {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit is async-signal-safe and `limit` was made before the fork.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let daemon = Daemon::spawn_command("redirector", cmd).expect("spawn daemon");
         daemon.wait_for_log("ready", READY).expect("daemon ready");
         self.daemon.insert(daemon)
     }
