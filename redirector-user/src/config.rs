@@ -3,6 +3,14 @@
 //! A file is accepted whole or rejected whole. Validation does not stop at the first problem:
 //! every error is reported with the file, line, column and field it concerns, so one run of
 //! `redirector validate` shows everything to fix.
+//!
+//! [`load`] is the one way a file is read and judged: the daemon at start and on every reload,
+//! and `redirector validate`, all call it, so they agree on every file. It refuses what is not a
+//! regular file or is over [`MAX_BYTES`], a file with nothing in it, and a file that cannot
+//! fit the kernel maps (counted before the file is built into values: the `outline` module).
+mod file;
+mod outline;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
@@ -86,7 +94,22 @@ impl Default for RouterSettings {
 pub struct Config {
     pub daemon: DaemonSettings,
     pub router: RouterSettings,
+    pub kubernetes: KubernetesSettings,
     pub state: DesiredState,
+}
+
+/// `[kubernetes]`: the node agent's Kubernetes source (off unless `enabled`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSettings {
+    #[serde(default)]
+    pub enabled: bool,
+    /// None: in-cluster configuration, else `KUBECONFIG` / `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (default: the `NODE_NAME` environment variable).
+    pub node_name: Option<String>,
+    /// Where pods' processes are found (default `/proc`; the host's, with `hostPID`).
+    pub proc_root: Option<PathBuf>,
 }
 
 /// One problem in a config file, located.
@@ -99,13 +122,30 @@ pub struct FieldError {
     pub message: String,
 }
 
+pub use file::MAX_BYTES;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// A FIFO would block the reader, a device could be read without end.
+    #[error("config {path} is {kind}, not a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("config {path} is {size} bytes, over the limit of {limit_mib} MiB")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit_mib: u64,
+    },
+    #[error("config {path} is not UTF-8 text")]
+    NotText {
+        path: PathBuf,
+        #[source]
+        source: std::string::FromUtf8Error,
     },
     #[error("{}", Invalid { path, errors })]
     Invalid {
@@ -145,9 +185,10 @@ impl fmt::Display for Invalid<'_> {
     }
 }
 
-/// Reads and validates the config file at `path`.
+/// Reads and validates the config file at `path`: what the daemon applies and what
+/// `redirector validate` judges.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = String::from_utf8(read_file(path)?).map_err(|source| ConfigError::NotText {
         path: path.to_owned(),
         source,
     })?;
@@ -155,6 +196,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_owned(),
         errors,
     })
+}
+
+/// The bytes of the config file at `path`, if it is a regular file (symlinks followed) of at
+/// most [`MAX_BYTES`]; never blocks on a FIFO.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    file::read(path)
 }
 
 // === raw file schema ===
@@ -166,6 +213,8 @@ struct RawConfig {
     daemon: RawDaemon,
     #[serde(default)]
     router: RawRouter,
+    #[serde(default)]
+    kubernetes: KubernetesSettings,
     #[serde(default)]
     service: Vec<RawService>,
     #[serde(default)]
@@ -225,14 +274,17 @@ struct RawSandbox {
     #[serde(default)]
     members: Vec<Spanned<String>>,
     #[serde(default)]
-    routes: Vec<RawRoute>,
+    routes: Vec<Spanned<RawRoute>>,
 }
 
+/// A route names its fork's endpoints with exactly one of `fork` and `forks`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     service: Spanned<String>,
-    fork: Spanned<String>,
+    /// One endpoint: the form from before routes took several, kept for existing files.
+    fork: Option<Spanned<String>>,
+    forks: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     on_fork_error: ForkErrorPolicy,
 }
@@ -240,6 +292,10 @@ struct RawRoute {
 // === validation ===
 
 /// Parses and validates config text; on failure returns every problem found.
+///
+/// A text with no table and no key at all (empty, or only comments and whitespace) is refused:
+/// a file truncated or caught half-written looks just like it, and applying it would remove
+/// every sandbox. A file that means "nothing" says so with a table, e.g. an empty `[daemon]`.
 pub fn parse(text: &str) -> Result<Config, Vec<FieldError>> {
     parse_with(text, false)
 }
@@ -252,6 +308,26 @@ pub fn parse_fragment(text: &str) -> Result<DesiredState, Vec<FieldError>> {
 }
 
 fn parse_with(text: &str, fragment: bool) -> Result<Config, Vec<FieldError>> {
+    // Before the full parse: it costs far more memory than the text, and a file over capacity
+    // is refused without paying it. A malformed text gets its syntax error from the full parse.
+    let outline = outline::scan(text);
+    if !outline.malformed {
+        let mut errors = outline.over_capacity(|at| line_col(text, at));
+        if outline.items == 0 && !fragment {
+            errors.push(FieldError {
+                line: 1,
+                column: 1,
+                field: "file".to_owned(),
+                message: "has no tables or keys, only comments or whitespace: refused, as a \
+                          truncated or half-written file looks the same; to run without \
+                          services and sandboxes, write an empty `[daemon]` table"
+                    .to_owned(),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+    }
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let (line, column) = e
             .span()
@@ -271,6 +347,10 @@ fn parse_with(text: &str, fragment: bool) -> Result<Config, Vec<FieldError>> {
     };
     let mut state = v.state(raw.service, raw.sandbox);
     v.groups(&mut state, raw.group);
+    if v.errors.is_empty() {
+        // Exact, now that groups' copies of their sandboxes' routes can be counted.
+        v.errors.extend(outline::check_entries(&state));
+    }
     if v.errors.is_empty()
         && !fragment
         && let Err(issues) = state.validate()
@@ -302,6 +382,7 @@ fn parse_with(text: &str, fragment: bool) -> Result<Config, Vec<FieldError>> {
                 metrics_listen,
             },
             router,
+            kubernetes: raw.kubernetes,
             state,
         })
     } else {
@@ -406,7 +487,8 @@ impl Validator<'_> {
 
             let mut routes = BTreeMap::new();
             let mut routed = HashSet::new();
-            for (j, route) in raw.routes.iter().enumerate() {
+            for (j, spanned) in raw.routes.iter().enumerate() {
+                let route = spanned.get_ref();
                 let f = |name: &str| field(&format!("routes[{j}].{name}"));
                 let service_name = route.service.get_ref();
                 let service = state.services.get(service_name);
@@ -424,32 +506,16 @@ impl Validator<'_> {
                         format!("sandbox {key:?} already routes service {service_name:?}"),
                     );
                 }
-                let Some(fork) = self.socket_addr(&route.fork, f("fork")) else {
+                let Some(forks) =
+                    self.route_forks(spanned, &field(&format!("routes[{j}]")), service)
+                else {
                     continue;
                 };
-                if service.is_none() && self.fragment {
+                if service.is_some() || self.fragment {
                     routes.insert(
                         service_name.clone(),
                         Route {
-                            fork,
-                            on_fork_error: route.on_fork_error,
-                        },
-                    );
-                } else if let Some(service) = service {
-                    if service.address.is_ipv4() != fork.is_ipv4() {
-                        self.error(
-                            route.fork.span(),
-                            f("fork"),
-                            format!(
-                                "fork {fork} and service {:?} ({}) must be the same IP family",
-                                service.name, service.address
-                            ),
-                        );
-                    }
-                    routes.insert(
-                        service_name.clone(),
-                        Route {
-                            fork,
+                            forks,
                             on_fork_error: route.on_fork_error,
                         },
                     );
@@ -463,6 +529,79 @@ impl Validator<'_> {
             });
         }
         state
+    }
+
+    /// The endpoints of a route's `fork` or `forks`, sorted; None after reporting why not.
+    /// `field` names the route, e.g. `sandbox[0].routes[1]`.
+    fn route_forks(
+        &mut self,
+        route: &Spanned<RawRoute>,
+        field: &str,
+        service: Option<&Service>,
+    ) -> Option<Vec<SocketAddr>> {
+        let raw = route.get_ref();
+        let listed: Vec<(&Spanned<String>, String)> = match (&raw.fork, &raw.forks) {
+            (Some(_), Some(forks)) => {
+                self.error(
+                    forks.span(),
+                    format!("{field}.forks"),
+                    "give either `fork` or `forks`, not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.error(
+                    route.span(),
+                    field.to_owned(),
+                    "a route needs its fork's endpoints: `fork = \"ADDR:PORT\"` or `forks = [\"ADDR:PORT\", ...]`",
+                );
+                return None;
+            }
+            (Some(one), None) => vec![(one, format!("{field}.fork"))],
+            (None, Some(many)) if many.get_ref().is_empty() => {
+                self.error(
+                    many.span(),
+                    format!("{field}.forks"),
+                    "must list at least one endpoint",
+                );
+                return None;
+            }
+            (None, Some(many)) => many
+                .get_ref()
+                .iter()
+                .enumerate()
+                .map(|(k, addr)| (addr, format!("{field}.forks[{k}]")))
+                .collect(),
+        };
+        let mut forks = Vec::with_capacity(listed.len());
+        let mut valid = true;
+        for (text, field) in listed {
+            let Some(fork) = self.socket_addr(text, field.clone()) else {
+                valid = false;
+                continue;
+            };
+            if forks.contains(&fork) {
+                self.error(text.span(), field, format!("{fork} is listed twice"));
+                valid = false;
+                continue;
+            }
+            if let Some(service) = service
+                && service.address.is_ipv4() != fork.is_ipv4()
+            {
+                self.error(
+                    text.span(),
+                    field,
+                    format!(
+                        "fork {fork} and service {:?} ({}) must be the same IP family",
+                        service.name, service.address
+                    ),
+                );
+                valid = false;
+            }
+            forks.push(fork);
+        }
+        forks.sort_unstable();
+        valid.then_some(forks)
     }
 
     fn groups(&mut self, state: &mut DesiredState, groups: Vec<RawGroup>) {
@@ -782,8 +921,8 @@ routes = [
         let sandbox = &config.state.sandboxes["pr-123"];
         assert_eq!(sandbox.members, [PathBuf::from("/run/netns/pod-a-fork")]);
         assert_eq!(
-            sandbox.routes["svc-a"].fork,
-            "10.0.1.7:8080".parse().unwrap()
+            sandbox.routes["svc-a"].forks,
+            ["10.0.1.7:8080".parse().unwrap()]
         );
         assert_eq!(
             sandbox.routes["svc-a"].on_fork_error,
@@ -820,7 +959,10 @@ connect_timeout_ms = 500
 
         let single = parse("[daemon]\nrouter_listen = \"10.200.0.1:15001\"\n").expect("valid");
         assert_eq!(single.router.listen, ["10.200.0.1:15001".parse().unwrap()]);
-        assert_eq!(parse("").unwrap().router, RouterSettings::default());
+        assert_eq!(
+            parse("[daemon]\n").unwrap().router,
+            RouterSettings::default()
+        );
     }
 
     #[test]
@@ -921,18 +1063,194 @@ members = ["/run/netns/tester"]
         assert!(parse(text).is_err());
         let state = parse_fragment(text).expect("fragment");
         assert_eq!(
-            state.sandboxes["pr-9"].routes["elsewhere"].fork,
-            "10.0.0.1:80".parse().unwrap()
+            state.sandboxes["pr-9"].routes["elsewhere"].forks,
+            ["10.0.0.1:80".parse().unwrap()]
         );
         assert_eq!(state.groups["g"].sandboxes, ["pr-9", "other"]);
         // Malformed values are still caught.
         assert!(parse_fragment("[[sandbox]]\nkey = \"bad key\"\n").is_err());
     }
 
+    /// GOOD with svc-a's route replaced by `route` (an inline table's fields).
+    fn with_svc_a_route(route: &str) -> String {
+        GOOD.replace(
+            "{ service = \"svc-a\", fork = \"10.0.1.7:8080\" }",
+            &format!("{{ service = \"svc-a\", {route} }}"),
+        )
+    }
+
     #[test]
-    fn empty_file_is_an_empty_state() {
-        let config = parse("").expect("valid");
+    fn a_route_takes_one_fork_or_a_set_of_forks() {
+        let text = with_svc_a_route(
+            r#"forks = ["10.0.1.9:8080", "10.0.1.7:8080", "10.0.1.8:8080"], on_fork_error = "baseline""#,
+        );
+        let config = parse(&text).expect("valid");
+        let route = &config.state.sandboxes["pr-123"].routes["svc-a"];
+        let sorted: Vec<SocketAddr> = ["10.0.1.7:8080", "10.0.1.8:8080", "10.0.1.9:8080"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(route.forks, sorted, "a set, in sorted order");
+        assert_eq!(route.on_fork_error, ForkErrorPolicy::Baseline);
+        // `fork = "..."` and `forks = ["..."]` are the same route.
+        let one = parse(&with_svc_a_route(r#"forks = ["10.0.1.7:8080"]"#)).expect("valid");
+        assert_eq!(one, parse(GOOD).expect("valid"));
+    }
+
+    /// (line, column, field, message) of each error.
+    fn located(text: &str) -> Vec<(usize, usize, String, String)> {
+        errors(text)
+            .into_iter()
+            .map(|e| (e.line, e.column, e.field, e.message))
+            .collect()
+    }
+
+    /// Line and 1-based column of the first occurrence of `needle` in `text`.
+    fn at(text: &str, needle: &str) -> (usize, usize) {
+        line_col(text, text.find(needle).expect("needle in text"))
+    }
+
+    #[test]
+    fn bad_fork_sets_are_located() {
+        let cases = [
+            (
+                r#"fork = "10.0.1.7:8080", forks = ["10.0.1.8:8080"]"#,
+                "[\"10.0.1.8",
+                "sandbox[0].routes[0].forks",
+                "give either `fork` or `forks`, not both",
+            ),
+            (
+                r#"on_fork_error = "baseline""#,
+                "{ service = \"svc-a\"",
+                "sandbox[0].routes[0]",
+                "a route needs its fork's endpoints: `fork = \"ADDR:PORT\"` or `forks = [\"ADDR:PORT\", ...]`",
+            ),
+            (
+                "forks = []",
+                "[]",
+                "sandbox[0].routes[0].forks",
+                "must list at least one endpoint",
+            ),
+            (
+                r#"forks = ["10.0.1.7:8080", "10.0.1.8:8080", "10.0.1.7:8080"]"#,
+                "\"10.0.1.7:8080\" ]",
+                "sandbox[0].routes[0].forks[2]",
+                "10.0.1.7:8080 is listed twice",
+            ),
+            (
+                r#"forks = ["10.0.1.7:8080", "10.0.1.8"]"#,
+                "\"10.0.1.8\"",
+                "sandbox[0].routes[0].forks[1]",
+                "\"10.0.1.8\" is not an IP address and port (e.g. 10.96.0.10:8080 or [fd00::10]:8080)",
+            ),
+            (
+                r#"forks = ["10.0.1.7:8080", "[fd00::8]:8080"]"#,
+                "\"[fd00::8]",
+                "sandbox[0].routes[0].forks[1]",
+                "fork [fd00::8]:8080 and service \"svc-a\" (10.96.0.10:8080) must be the same IP family",
+            ),
+        ];
+        for (route, needle, field, message) in cases {
+            // The duplicate case's needle needs the closing bracket to find the second copy.
+            let text = with_svc_a_route(route).replace("7:8080\"]", "7:8080\" ]");
+            let (line, column) = at(&text, needle);
+            assert_eq!(
+                located(&text),
+                [(line, column, field.to_owned(), message.to_owned())],
+                "{route}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_with_nothing_in_it_is_refused_and_says_how_to_mean_nothing() {
+        for text in ["", "\n  \n", "# all commented out\n# [[sandbox]]\n"] {
+            let errs = errors(text);
+            assert_eq!(errs.len(), 1, "{text:?}: {errs:?}");
+            assert_eq!((errs[0].line, errs[0].column), (1, 1));
+            assert_eq!(errs[0].field, "file");
+            assert!(
+                errs[0].message.contains("empty `[daemon]` table"),
+                "{errs:?}"
+            );
+        }
+        // What the message suggests: a valid, empty state.
+        let config = parse("# nothing here on purpose\n[daemon]\n").expect("valid");
         assert_eq!(config.state, DesiredState::default());
+        // A fragment for `redirector apply` may be empty: it changes nothing.
+        assert_eq!(parse_fragment("").unwrap(), DesiredState::default());
+    }
+
+    /// A file of `routes` compact routes over 1000 services, 1000 routes per sandbox.
+    fn many_routes(routes: usize) -> String {
+        let services = 1000;
+        let mut text = String::new();
+        for s in 0..services {
+            text.push_str(&format!(
+                "[[service]]\nname = \"s{s}\"\naddress = \"10.96.{}.{}:80\"\n",
+                s / 250,
+                s % 250 + 1
+            ));
+        }
+        let mut written = 0;
+        let mut box_index = 0;
+        while written < routes {
+            let n = services.min(routes - written);
+            text.push_str(&format!("[[sandbox]]\nkey = \"b{box_index}\"\nroutes = ["));
+            for s in 0..n {
+                text.push_str(&format!("{{service=\"s{s}\",fork=\"10.0.0.1:80\"}},"));
+            }
+            text.push_str("]\n");
+            written += n;
+            box_index += 1;
+        }
+        text
+    }
+
+    #[test]
+    fn a_file_over_route_capacity_is_refused_with_the_route_that_does_not_fit() {
+        let capacity = redirector_common::map_sizes::ROUTES as usize;
+        assert!(parse(&many_routes(capacity)).is_ok(), "exactly full fits");
+        let text = many_routes(capacity + 1);
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        // The last route of the last sandbox is the one past capacity.
+        let last = text.rfind("{service=").unwrap();
+        assert_eq!((errs[0].line, errs[0].column), line_col(&text, last));
+        assert_eq!(errs[0].field, "sandbox.routes");
+        assert_eq!(
+            errs[0].message,
+            format!(
+                "map routes is full: the sandboxes have {} routes, the capacity is {capacity}",
+                capacity + 1
+            )
+        );
+    }
+
+    #[test]
+    fn routes_that_groups_repeat_count_against_capacity() {
+        let capacity = redirector_common::map_sizes::ROUTES as usize;
+        // Sandboxes fill 3/4 of the map; a group over the first half of them repeats their
+        // routes: 1.25 times the capacity in all.
+        let mut text = many_routes(capacity / 4 * 3);
+        let boxes = text.matches("[[sandbox]]").count();
+        let half: Vec<String> = (0..boxes / 2).map(|b| format!("\"b{b}\"")).collect();
+        // Two sandboxes that fork the same service cannot share a group: one group each.
+        for (g, key) in half.iter().enumerate() {
+            text.push_str(&format!("[[group]]\nkey = \"g{g}\"\nsandboxes = [{key}]\n"));
+        }
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "routes");
+        assert!(
+            errs[0]
+                .message
+                .starts_with("map routes is full: the file needs ")
+                && errs[0]
+                    .message
+                    .ends_with(&format!("the capacity is {capacity}")),
+            "{errs:?}"
+        );
     }
 
     #[test]

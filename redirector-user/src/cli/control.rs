@@ -315,8 +315,10 @@ fn done(api: &ApiArgs, value: &Value, what: String) -> anyhow::Result<ExitCode> 
 }
 
 pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("reading {}", args.file.display()))?;
+    // The config file's reader: a FIFO or /dev/zero is refused, not waited on or read forever.
+    let bytes = config::read_file(&args.file)?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("{} is not UTF-8 text", args.file.display()))?;
     let mut request: ApplyRequest = if text.trim_start().starts_with('{') {
         serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", args.file.display()))?
