@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod k8s;
 pub mod kernel;
 pub mod metrics;
 pub mod router;

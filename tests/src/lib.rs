@@ -6,6 +6,7 @@
 //! Everything created carries the prefix `rdrt-<pid>-<n>` and is removed when the [`Node`] is
 //! dropped; leftovers of runs that died are swept by the next [`Node::new`].
 
+mod bridge;
 mod cleanup;
 mod http;
 pub mod k8s;
@@ -13,6 +14,7 @@ mod prereq;
 mod proc;
 mod simnode;
 
+pub use bridge::Bridge;
 pub use http::HttpReq;
 pub use prereq::{cgroup2_mount, ip_bin, require_e2e, under_ci, workspace_bin};
 pub use proc::Daemon;

@@ -504,6 +504,9 @@ pub struct CallOpts {
     pub connected: bool,
     /// rdr-peer's socket timeout (default 3 s).
     pub timeout: Duration,
+    /// Exchanges per call (default 1): TCP makes a new connection for each, UDP sends each
+    /// datagram from the same socket. See [`Pod::call_many`].
+    pub count: u32,
 }
 
 impl Default for CallOpts {
@@ -513,6 +516,7 @@ impl Default for CallOpts {
             v6_mapped: false,
             connected: false,
             timeout: Duration::from_secs(3),
+            count: 1,
         }
     }
 }
@@ -537,6 +541,10 @@ impl CallOpts {
         self.timeout = timeout;
         self
     }
+    pub fn count(mut self, count: u32) -> CallOpts {
+        self.count = count.max(1);
+        self
+    }
 
     fn client_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec![
@@ -545,6 +553,9 @@ impl CallOpts {
         ];
         if self.v6_mapped {
             a.push("--v6-mapped".into());
+        }
+        if self.count > 1 {
+            a.extend(["--count".into(), self.count.to_string().into()]);
         }
         a
     }
@@ -608,6 +619,25 @@ impl Pod {
         self.check_node(node);
         let procs = self.cgroup.join("cgroup.procs");
         ns_command(&self.netns, in_cgroup.then_some(procs.as_path()), program)
+    }
+
+    /// What a kubelet leaves running for a pod: a long-lived process ("pause") in the pod's
+    /// network namespace and in the cgroup `<node cgroup>/kubepods/pod<uid>/pause` (the
+    /// cgroupfs driver's layout), where a node agent finds it by the pod's UID. Killed on drop
+    /// of the returned guard, and with the node's cgroup in any case.
+    pub fn start_sandbox_process(&self, node: &Node, uid: &str) -> Result<Daemon> {
+        self.check_node(node);
+        let cgroup = self
+            .cgroup
+            .join("kubepods")
+            .join(format!("pod{uid}"))
+            .join("pause");
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let procs = cgroup.join("cgroup.procs");
+        let mut cmd = ns_command(&self.netns, Some(&procs), "sleep");
+        cmd.arg("infinity");
+        Daemon::spawn_command(&format!("{}-pause", self.name), cmd)
     }
 
     /// Runs `ip <args>` in the pod namespace and returns its stdout.
@@ -696,6 +726,21 @@ impl Pod {
         addr: SocketAddr,
         opts: &CallOpts,
     ) -> Result<CallResult> {
+        let mut results = self.call_many(node, proto, addr, &opts.clone().count(1))?;
+        results
+            .pop()
+            .with_context(|| format!("{proto:?} call from pod {} to {addr}: no answer", self.name))
+    }
+
+    /// Like [`Pod::call`], `opts.count` exchanges from one rdr-peer run, one result each: TCP
+    /// opens a new connection for every exchange, UDP sends every datagram from one socket.
+    pub fn call_many(
+        &self,
+        node: &Node,
+        proto: Proto,
+        addr: SocketAddr,
+        opts: &CallOpts,
+    ) -> Result<Vec<CallResult>> {
         let mut args: Vec<OsString> = vec![
             "call".into(),
             match proto {
@@ -712,7 +757,9 @@ impl Pod {
         }
         let cmd = self.peer_command(node, opts.in_cgroup, &args)?;
         let what = format!("{proto:?} call from pod {} to {addr}", self.name);
-        let out = run_with_timeout(cmd, opts.timeout + SLACK).with_context(|| what.clone())?;
+        // Every exchange is bounded by the socket timeout; the rest is slack for a busy machine.
+        let budget = opts.timeout + SLACK + Duration::from_millis(50) * opts.count;
+        let out = run_with_timeout(cmd, budget).with_context(|| what.clone())?;
         if !out.status.success() {
             bail!(
                 "{what} failed ({}): {}",
@@ -720,16 +767,28 @@ impl Pod {
                 out.stderr.trim()
             );
         }
-        let line = out.stdout.lines().next().unwrap_or_default();
-        let parsed: CallLine = serde_json::from_str(line)
-            .with_context(|| format!("{what}: unexpected output {:?}", out.stdout))?;
-        Ok(CallResult {
-            server: parsed.server,
-            peer: parsed
-                .peer
-                .parse()
-                .with_context(|| format!("{what}: bad peer address {:?}", parsed.peer))?,
-        })
+        let results =
+            out.stdout
+                .lines()
+                .map(|line| {
+                    let parsed: CallLine = serde_json::from_str(line)
+                        .with_context(|| format!("{what}: unexpected output {:?}", out.stdout))?;
+                    Ok(CallResult {
+                        server: parsed.server,
+                        peer: parsed.peer.parse().with_context(|| {
+                            format!("{what}: bad peer address {:?}", parsed.peer)
+                        })?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+        ensure!(
+            results.len() == opts.count as usize,
+            "{what}: {} answers for {} exchanges: {:?}",
+            results.len(),
+            opts.count,
+            out.stdout
+        );
+        Ok(results)
     }
 
     /// A long-lived TCP connection from this pod (in the cgroup) to `addr`.

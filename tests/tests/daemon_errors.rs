@@ -70,7 +70,7 @@ fn missing_member_namespace_is_a_warning_not_a_failure() {
     c.write_config(&text);
     let daemon = c.start(&[]);
     assert!(
-        daemon.logs().contains("member namespace not found"),
+        daemon.logs().contains("member namespace not usable"),
         "{}",
         daemon.logs()
     );
@@ -163,4 +163,38 @@ fn json_logs_for_collectors() {
         .unwrap_or_else(|| panic!("no JSON `ready` line in:\n{logs}"));
     assert_eq!(ready["level"], "INFO");
     assert_eq!(ready["fields"]["routes"], 4);
+}
+
+/// With `--mount-bpffs` (always on with Kubernetes), a pin directory whose mount point is an
+/// empty directory without a bpffs gets one, as on a node that never mounted /sys/fs/bpf.
+#[test]
+fn an_empty_mount_point_gets_a_bpffs_when_asked() {
+    let Some(mut c) = Cluster::new("auto-bpffs") else {
+        return;
+    };
+    let mount_point = c.node.dir().join("bpf-auto");
+    std::fs::create_dir(&mount_point).expect("mount point");
+    let _unmount = UnmountOnDrop(mount_point.clone());
+    let pins = mount_point.join("redirector");
+    let pins = pins.to_str().expect("utf-8 path");
+    let daemon = c.start(&["--mount-bpffs", "--bpffs", pins, "--cleanup-on-exit"]);
+    assert!(daemon.logs().contains("mounted one"), "{}", daemon.logs());
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(mount_point.to_str().unwrap_or("?")) && l.contains(" bpf ")),
+        "a bpffs at {}: {mounts}",
+        mount_point.display()
+    );
+    assert_eq!(c.tcp(&c.member, VIP4), FORK);
+    c.daemon().terminate().expect("stop");
+}
+
+struct UnmountOnDrop(std::path::PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
 }

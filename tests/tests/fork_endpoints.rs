@@ -425,6 +425,10 @@ fn the_cli_makes_routes_with_several_endpoints() {
 fn previous_layout_binary() -> Option<PathBuf> {
     let path = std::env::var_os("RDR_PREVIOUS_LAYOUT_BIN").map(PathBuf::from);
     if path.is_none() {
+        assert!(
+            !redirector_tests::under_ci(),
+            "RDR_PREVIOUS_LAYOUT_BIN is not set under CI=true"
+        );
         eprintln!(
             "SKIPPED: set RDR_PREVIOUS_LAYOUT_BIN to a redirector of map layout v1 to check upgrades from it"
         );
@@ -444,7 +448,11 @@ fn pinned_maps(c: &Setup) -> Vec<String> {
     names
 }
 
+/// Needs a build of the previous map layout, which the suite does not make (it would be a second
+/// full build of an old commit): reported as ignored, run by hand with
+/// `RDR_PREVIOUS_LAYOUT_BIN=... cargo test --test fork_endpoints -- --ignored`.
 #[test]
+#[ignore = "needs RDR_PREVIOUS_LAYOUT_BIN, a redirector of map layout v1"]
 fn a_daemon_of_the_previous_layout_is_replaced_and_back_without_a_gap() {
     let Some(previous) = previous_layout_binary() else {
         return;

@@ -16,11 +16,11 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error("talking to the daemon failed: {0}")]
+    #[error("talking to the daemon failed")]
     Http(#[from] hyper::Error),
-    #[error("the daemon's answer is not JSON: {0}")]
+    #[error("the daemon's answer is not JSON")]
     BadAnswer(#[from] serde_json::Error),
-    #[error("cannot build the request: {0}")]
+    #[error("cannot build the request")]
     Request(#[from] http::Error),
 }
 

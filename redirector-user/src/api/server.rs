@@ -47,6 +47,8 @@ pub enum Query {
     Group(String),
     /// Internal (the metrics endpoint): refresh the kernel-side metrics.
     RefreshMetrics,
+    /// Internal (`/healthz`): answered at once by the control loop, proving it runs.
+    Ping,
 }
 
 #[derive(Debug, Clone)]

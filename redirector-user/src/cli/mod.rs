@@ -2,7 +2,11 @@
 //!
 //! Exit codes: 0 success; 1 the operation failed (the daemon refused a change, a check failed,
 //! a file is invalid); 2 bad command-line usage; 3 the daemon cannot be reached.
+//!
+//! Output goes through [`out`]: `print!` panics when stdout is a closed pipe.
+#![deny(clippy::print_stdout)]
 mod control;
+pub mod out;
 mod render;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -80,6 +84,11 @@ pub enum Command {
     Status(control::ApiArgs),
     /// Kernel and router counters.
     Stats(control::ApiArgs),
+    /// Mount a bpffs at DIR's nearest existing (empty) ancestor unless one is there: a
+    /// DaemonSet's privileged init step, so the pins live on the host, not in the container.
+    MountBpffs(MountBpffsArgs),
+    /// Print the CustomResourceDefinitions (Sandbox, RouteGroup) as YAML, for `kubectl apply -f -`.
+    Crds,
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +121,34 @@ pub struct RunArgs {
     /// How often to check the config file for changes, e.g. 500ms, 2s.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
+    /// Node router listen address (repeat for IPv4 and IPv6; overrides `daemon.router_listen`),
+    /// e.g. the node's address from the downward API in a DaemonSet.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub router_listen: Vec<std::net::SocketAddr>,
+    /// Metrics, /healthz and /readyz listen address (overrides `daemon.metrics_listen`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Watch Sandboxes, RouteGroups, Services, EndpointSlices and this node's Pods (as
+    /// `[kubernetes] enabled = true`).
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// kubeconfig for the Kubernetes source (default: in-cluster, else KUBECONFIG or
+    /// ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, for the Kubernetes source.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Mount a bpffs where the pins go when none is mounted there (on with --kubernetes).
+    #[arg(long)]
+    pub mount_bpffs: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MountBpffsArgs {
+    /// Where the pins go (or the bpffs mount point itself), e.g. /sys/fs/bpf.
+    #[arg(value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +213,12 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 state_file: args.state_file,
                 cleanup_on_exit: args.cleanup_on_exit,
                 poll_interval: args.poll_interval,
+                router_listen: args.router_listen,
+                metrics_listen: args.metrics_listen,
+                kubernetes: args.kubernetes,
+                kubeconfig: args.kubeconfig,
+                node_name: args.node_name,
+                mount_bpffs: args.mount_bpffs,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -190,13 +233,28 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Service(cmd) => control::service(cmd).await,
         Command::Status(args) => control::status(args).await,
         Command::Stats(args) => control::stats(args).await,
+        Command::MountBpffs(args) => {
+            crate::kernel::prereq::check_root()?;
+            match crate::kernel::prereq::mount_bpffs_if_missing(&args.dir)? {
+                Some(at) => out::println(format_args!("mounted a bpffs at {}", at.display()))?,
+                None => out::println(format_args!(
+                    "a bpffs is already mounted for {}",
+                    args.dir.display()
+                ))?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crds => {
+            out::print(crate::k8s::crd::manifest()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
 fn validate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = config::load(path)?;
     let state = &config.state;
-    println!(
+    out::println(format_args!(
         "{}: valid: {} services, {} sandboxes, {} groups, {} routes, {} member pods",
         path.display(),
         state.services.len(),
@@ -204,7 +262,7 @@ fn validate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         state.groups.len(),
         state.route_count(),
         state.member_count()
-    );
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -221,12 +279,15 @@ fn uninstall(args: UninstallArgs) -> anyhow::Result<ExitCode> {
     let removed = programs::uninstall(&bpffs)
         .with_context(|| format!("removing pins under {}", bpffs.display()))?;
     if removed {
-        println!(
+        out::println(format_args!(
             "detached redirector and removed its pins under {}",
             bpffs.display()
-        );
+        ))?;
     } else {
-        println!("nothing to remove: {} does not exist", bpffs.display());
+        out::println(format_args!(
+            "nothing to remove: {} does not exist",
+            bpffs.display()
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -251,8 +312,8 @@ fn doctor_cmd(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     };
     let checks = doctor::run(&opts);
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&checks)?),
-        Output::Table => print!("{}", doctor::render_table(&checks)),
+        Output::Json => out::println(serde_json::to_string_pretty(&checks)?)?,
+        Output::Table => out::print(doctor::render_table(&checks))?,
     }
     Ok(if doctor::any_failed(&checks) {
         ExitCode::FAILURE

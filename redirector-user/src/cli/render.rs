@@ -25,6 +25,14 @@ fn list(value: &Value) -> String {
     }
 }
 
+/// A route's fork endpoints, `a,b,c` (`fork` is the single-endpoint form of older daemons).
+fn forks(route: &Value) -> String {
+    match route["forks"].as_array() {
+        Some(forks) if !forks.is_empty() => forks.iter().map(s).collect::<Vec<_>>().join(","),
+        _ => s(&route["fork"]),
+    }
+}
+
 fn rows(value: &Value) -> &[Value] {
     value.as_array().map_or(&[], Vec::as_slice)
 }
@@ -42,7 +50,7 @@ pub fn sandboxes(value: &Value) -> String {
     for sb in rows(value) {
         let routes: Vec<String> = rows(&sb["routes"])
             .iter()
-            .map(|r| format!("{}->{}", s(&r["service"]), s(&r["fork"])))
+            .map(|r| format!("{}->{}", s(&r["service"]), forks(r)))
             .collect();
         t.add_row(vec![
             s(&sb["key"]),
@@ -59,12 +67,12 @@ pub fn sandboxes(value: &Value) -> String {
 }
 
 pub fn routes(value: &Value) -> String {
-    let mut t = table(&["SANDBOX", "SERVICE", "FORK", "ON FORK ERROR", "ORIGIN"]);
+    let mut t = table(&["SANDBOX", "SERVICE", "FORKS", "ON FORK ERROR", "ORIGIN"]);
     for r in rows(value) {
         t.add_row(vec![
             s(&r["sandbox"]),
             s(&r["service"]),
-            s(&r["fork"]),
+            forks(r),
             s(&r["on_fork_error"]),
             s(&r["origin"]),
         ]);
@@ -142,6 +150,9 @@ pub fn status(value: &Value) -> String {
         ]);
     }
     out.push_str(&format!("{t}\n"));
+    if let Some(kube) = value["kubernetes"].as_object() {
+        out.push_str(&kubernetes(kube));
+    }
     // Only the members that are not steered: on a busy node the healthy ones are noise.
     let unhealthy: Vec<&Value> = rows(&value["members"])
         .iter()
@@ -153,6 +164,71 @@ pub fn status(value: &Value) -> String {
             t.add_row(vec![s(&m["sandbox"]), s(&m["path"]), s(&m["state"])]);
         }
         out.push_str(&format!("\n{t}\n"));
+    }
+    out
+}
+
+/// The Kubernetes source: connection and objects on a few lines, then only what needs a look
+/// (objects left out, members not found, with the reason).
+fn kubernetes(kube: &serde_json::Map<String, Value>) -> String {
+    let h = &kube["health"];
+    let o = &h["objects"];
+    let mut out = format!(
+        "\nkubernetes      node {}, {} ({} of 5 watches listed, {} failing){}\n  \
+         objects       {} sandboxes, {} route groups, {} services, {} endpoint slices, {} pods on this node\n  \
+         members       {} resolved, {} not found\n  \
+         last sync     {}\n",
+        s(&h["node"]),
+        if h["connected"] == true {
+            "connected"
+        } else {
+            "NOT connected"
+        },
+        s(&h["watches_synced"]),
+        s(&h["watches_failing"]),
+        h["last_error"]
+            .as_str()
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default(),
+        s(&o["sandboxes"]),
+        s(&o["route_groups"]),
+        s(&o["services"]),
+        s(&o["endpoint_slices"]),
+        s(&o["pods_on_node"]),
+        s(&kube["members_resolved"]),
+        s(&kube["members_unresolved"]),
+        h["last_sync"].as_u64().map_or_else(
+            || "never".to_owned(),
+            |at| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(at, |d| d.as_secs());
+                format!("{} s ago", now.saturating_sub(at))
+            }
+        ),
+    );
+    let mut t = table(&["OBJECT", "PROBLEM"]);
+    let mut problems = 0;
+    for issue in rows(&kube["issues"]) {
+        t.add_row(vec![s(&issue["object"]), s(&issue["message"])]);
+        problems += 1;
+    }
+    for rejected in rows(&kube["rejected"]) {
+        t.add_row(vec!["(left out)".to_owned(), s(rejected)]);
+        problems += 1;
+    }
+    for m in rows(&kube["members"])
+        .iter()
+        .filter(|m| !m["error"].is_null())
+    {
+        t.add_row(vec![
+            format!("Pod {} ({})", s(&m["pod"]), s(&m["key"])),
+            s(&m["error"]),
+        ]);
+        problems += 1;
+    }
+    if problems > 0 {
+        out.push_str(&format!("{t}\n"));
     }
     out
 }
@@ -189,12 +265,27 @@ mod tests {
     #[test]
     fn sandbox_table() {
         let text = sandboxes(&json!([{"key": "pr-1", "origin": "api", "members": [],
-            "routes": [{"service": "svc-a", "fork": "10.0.0.1:80"}]}]));
+            "routes": [{"service": "svc-a", "forks": ["10.0.0.1:80"]},
+                       {"service": "db", "forks": ["10.0.0.2:5432", "10.0.0.3:5432"]}]}]));
         assert!(text.contains("KEY"), "{text}");
         assert!(
             text.contains("pr-1") && text.contains("svc-a->10.0.0.1:80"),
             "{text}"
         );
+        assert!(text.contains("db->10.0.0.2:5432,10.0.0.3:5432"), "{text}");
         assert_eq!(sandboxes(&json!([])), "no sandboxes\n");
+    }
+
+    #[test]
+    fn route_table_shows_every_endpoint() {
+        let text = routes(
+            &json!([{"sandbox": "pr-1", "service": "svc-a", "origin": "file",
+            "forks": ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], "on_fork_error": "error"}]),
+        );
+        assert!(text.contains("FORKS"), "{text}");
+        assert!(
+            text.contains("10.0.0.1:80,10.0.0.2:80,10.0.0.3:80"),
+            "{text}"
+        );
     }
 }

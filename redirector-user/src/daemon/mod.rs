@@ -5,6 +5,7 @@
 //! file merged with the objects created through the local API (kept in the state file across
 //! restarts). This loop is the only writer: file reloads (SIGHUP, content change) and API calls
 //! are handled one at a time, each applied whole or not at all.
+mod kube;
 mod persist;
 mod status;
 mod sync;
@@ -26,7 +27,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use self::{sync::Sync, watch::WatchedFile};
+use self::{kube::KubeSide, sync::Sync, watch::WatchedFile};
 use crate::{
     api::{
         control::{self, Mutation},
@@ -34,6 +35,7 @@ use crate::{
         types::{ApiError, StateSpec},
     },
     config::{self, Config, DEFAULT_API_SOCKET, DEFAULT_BPFFS, DEFAULT_STATE_FILE},
+    k8s::{podns, source},
     kernel::{
         maps::{Handoff, SyncError},
         prereq,
@@ -53,6 +55,59 @@ pub struct RunOptions {
     pub state_file: Option<PathBuf>,
     pub cleanup_on_exit: bool,
     pub poll_interval: Duration,
+    /// Overrides `daemon.router_listen` when not empty.
+    pub router_listen: Vec<SocketAddr>,
+    /// Overrides `daemon.metrics_listen`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Turns the Kubernetes source on (as `[kubernetes] enabled = true`).
+    pub kubernetes: bool,
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: Option<String>,
+    /// Mount a bpffs where the pins go if none is there (always on with Kubernetes).
+    pub mount_bpffs: bool,
+}
+
+impl RunOptions {
+    /// The config file as the flags amend it.
+    fn amend(&self, mut config: Config) -> Config {
+        if !self.router_listen.is_empty() {
+            config.router.listen = self.router_listen.clone();
+        }
+        if self.metrics_listen.is_some() {
+            config.daemon.metrics_listen = self.metrics_listen;
+        }
+        config.kubernetes.enabled |= self.kubernetes;
+        if self.kubeconfig.is_some() {
+            config.kubernetes.kubeconfig = self.kubeconfig.clone();
+        }
+        if self.node_name.is_some() {
+            config.kubernetes.node_name = self.node_name.clone();
+        }
+        config
+    }
+
+    /// The Kubernetes source's settings, when it is on.
+    fn kube_settings(&self, config: &Config) -> anyhow::Result<Option<source::Settings>> {
+        let k = &config.kubernetes;
+        if !k.enabled {
+            return Ok(None);
+        }
+        let node_name = k.node_name.clone().ok_or_else(|| {
+            anyhow!(
+                "the Kubernetes source needs this node's name: set NODE_NAME (the downward \
+                 API's spec.nodeName), --node-name, or `node_name` in [kubernetes]"
+            )
+        })?;
+        Ok(Some(source::Settings {
+            kubeconfig: k.kubeconfig.clone(),
+            node_name,
+            proc_root: k
+                .proc_root
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/proc")),
+            resync: self.poll_interval,
+        }))
+    }
 }
 
 /// Where the daemon attaches, pins, listens and keeps state: flags win over the file, then
@@ -67,14 +122,29 @@ pub struct Placement {
 
 impl Placement {
     pub fn resolve(opts: &RunOptions, config: &Config) -> anyhow::Result<Placement> {
+        // On a cluster the pods' cgroup is the kubelet's: found, not configured.
+        let kubepods = || {
+            config
+                .kubernetes
+                .enabled
+                .then(|| prereq::cgroup2_mount().ok())
+                .flatten()
+                .and_then(|root| podns::kubepods_cgroup(&root))
+        };
         let cgroup = opts
             .cgroup
             .clone()
             .or_else(|| config.daemon.cgroup.clone())
+            .or_else(kubepods)
             .ok_or_else(|| {
                 anyhow!(
-                    "no attach cgroup: set `cgroup` in the [daemon] table of {} or pass --cgroup",
-                    opts.config.display()
+                    "no attach cgroup: set `cgroup` in the [daemon] table of {} or pass --cgroup{}",
+                    opts.config.display(),
+                    if config.kubernetes.enabled {
+                        " (no kubepods.slice or kubepods cgroup under the cgroup2 mount)"
+                    } else {
+                        ""
+                    }
                 )
             })?;
         let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>, default: &str| {
@@ -109,6 +179,10 @@ struct Daemon {
     api: DesiredState,
     /// `file` and `api` together: what the kernel and the router hold.
     merged: DesiredState,
+    /// The config file as the poll last saw it.
+    watched: WatchedFile,
+    /// The Kubernetes source and the last state it published.
+    kube: Option<KubeSide>,
     sync: Sync,
     report: AttachReport,
     router: Option<Router>,
@@ -117,9 +191,20 @@ struct Daemon {
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     prereq::check_root()?;
-    let file = config::load(&opts.config)?;
+    // Before the router starts: it sizes its shedding margin from the limit it finds.
+    crate::kernel::limits::raise_nofile();
+    // The watcher's first copy is taken before the file is read, so a change written while the
+    // daemon starts (or waits for the cluster) is noticed at the first poll, not lost.
+    let watched = WatchedFile::new(&opts.config);
+    let file = opts.amend(config::load(&opts.config)?);
+    let kube_settings = opts.kube_settings(&file)?;
     let placement = Placement::resolve(&opts, &file)?;
     prereq::check_cgroup(&placement.cgroup)?;
+    if (file.kubernetes.enabled || opts.mount_bpffs)
+        && let Some(at) = prereq::mount_bpffs_if_missing(&placement.bpffs)?
+    {
+        info!(at = %at.display(), "no bpffs was mounted; mounted one");
+    }
     prereq::check_bpffs(&placement.bpffs)?;
 
     // Bind the API before touching the kernel: a second daemon on the same socket stops here.
@@ -134,6 +219,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ),
         None => None,
     };
+
+    // Served from here on, so probes answer while the daemon waits for the cluster: /healthz
+    // says "starting" until the control loop runs, /readyz says not ready.
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+    let metrics_task = metrics_listener
+        .map(|listener| tokio::spawn(metrics::serve(listener, metrics.clone(), calls_tx.clone())));
 
     let (mut kernel, report) = programs::start(&placement.cgroup, &placement.bpffs)
         .context("starting the kernel programs")?;
@@ -150,7 +241,30 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
 
     let api = load_api_state(&placement.state_file, &file.state);
-    let merged = control::merge(&file.state, &api).unwrap_or_else(|_| file.state.clone());
+    let mut kube = match kube_settings {
+        Some(settings) => {
+            let source = source::start(settings)
+                .await
+                .context("starting the Kubernetes source")?;
+            // Until the cluster has been read whole, the kernel keeps what it last applied:
+            // applying the file alone now would drop every Sandbox's routes.
+            match first_update(&source).await? {
+                Some(update) => Some(KubeSide::new(source, update)),
+                None => {
+                    // Asked to stop before the first sync: nothing was applied, the pinned
+                    // state is as the previous run left it.
+                    let _ = std::fs::remove_file(&placement.api_socket);
+                    return Ok(());
+                }
+            }
+        }
+        None => None,
+    };
+    let base = control::merge(&file.state, &api).unwrap_or_else(|_| file.state.clone());
+    let merged = match &mut kube {
+        Some(kube) => kube.overlay(base),
+        None => base,
+    };
 
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::from_state(&merged)));
     let router = start_router(&file, &mut kernel, table.clone(), metrics.clone()).await?;
@@ -167,10 +281,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             "detached the programs of another build");
     }
 
-    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+    metrics.set_ready();
     let api_task = tokio::spawn(api_server::serve(api_listener, calls_tx.clone()));
-    let metrics_task = metrics_listener
-        .map(|listener| tokio::spawn(metrics::serve(listener, metrics.clone(), calls_tx.clone())));
     drop(calls_tx);
     info!(
         config = %opts.config.display(),
@@ -189,6 +301,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         file,
         api,
         merged,
+        watched,
+        kube,
         sync,
         report,
         router,
@@ -212,7 +326,7 @@ fn load_api_state(state_file: &Path, file: &DesiredState) -> DesiredState {
         Ok(None) => return DesiredState::default(),
         Err(err) => {
             let aside = persist::quarantine(state_file);
-            error!(error = %err, moved_to = ?aside, "state file unreadable; starting without API objects");
+            error!(error = %crate::error_chain(&err), moved_to = ?aside, "state file unreadable; starting without API objects");
             return DesiredState::default();
         }
     };
@@ -290,22 +404,23 @@ impl Daemon {
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut tick = tokio::time::interval(self.opts.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut file = WatchedFile::new(&self.opts.config);
+        let mut kube_updates = self.kube.as_ref().map(|k| k.source.updates.clone());
 
         loop {
             tokio::select! {
                 _ = hangup.recv() => self.reload("SIGHUP"),
                 _ = tick.tick() => {
-                    if file.changed() {
+                    if self.watched.changed() {
                         self.reload("file changed");
                     } else if let Err(err) = self.sync.follow_members(&self.merged) {
-                        warn!(error = %err, "following member namespaces failed");
+                        warn!(error = %crate::error_chain(&err), "following member namespaces failed");
                     }
                 }
                 Some(call) = calls.recv() => {
                     let answer = self.answer(call.request);
                     let _ = call.reply.send(answer);
                 }
+                Some(()) = kube_changed(&mut kube_updates) => self.kube_changed(),
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
             }
@@ -331,7 +446,7 @@ impl Daemon {
     fn mutate(&mut self, mutation: Mutation) -> Result<serde_json::Value, ApiError> {
         let described = format!("{mutation:?}");
         let next_api = control::plan(&self.file.state, &self.api, mutation)?;
-        let merged = control::merge(&self.file.state, &next_api)?;
+        let merged = self.with_kube(control::merge(&self.file.state, &next_api)?);
         self.sync.apply(&merged).map_err(|err| match err {
             err @ SyncError::MapFull { .. } => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -341,7 +456,7 @@ impl Daemon {
             err => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "kernel_write_failed",
-                format!("{err}; the next change retries"),
+                format!("{}; the next change retries", crate::error_chain(&err)),
             ),
         })?;
         if let Err(err) = persist::save(
@@ -355,13 +470,68 @@ impl Daemon {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "persist_failed",
-                err.to_string(),
+                crate::error_chain(&err),
             ));
         }
         self.api = next_api;
         self.merged = merged;
+        self.forget_gone_sandboxes();
         info!(change = %described, "API change applied");
         Ok(status::summary(&self.merged))
+    }
+
+    /// Drops the metric series of routing keys the applied state no longer has (requests are
+    /// labelled by routing key, so group keys count too).
+    fn forget_gone_sandboxes(&self) {
+        let merged = &self.merged;
+        self.metrics.retain_sandboxes(|key| {
+            merged.sandboxes.contains_key(key) || merged.groups.contains_key(key)
+        });
+    }
+
+    /// File and API objects with the Kubernetes source's on top, when they fit together.
+    fn with_kube(&mut self, base: DesiredState) -> DesiredState {
+        match &mut self.kube {
+            Some(kube) => kube.overlay(base),
+            None => base,
+        }
+    }
+
+    /// The Kubernetes source published a new state: apply it with the file and API objects.
+    fn kube_changed(&mut self) {
+        let Some(kube) = &mut self.kube else {
+            return;
+        };
+        let Some(update) = kube.source.updates.borrow().clone() else {
+            return;
+        };
+        kube.update = update;
+        let base = match control::merge(&self.file.state, &self.api) {
+            Ok(base) => base,
+            Err(err) => {
+                error!(error = %err, "file and API objects no longer merge; keeping the running state");
+                return;
+            }
+        };
+        let merged = self.with_kube(base);
+        match self.sync.apply(&merged) {
+            Ok(applied) => {
+                if applied.changed {
+                    info!(
+                        sandboxes = merged.sandboxes.len(),
+                        groups = merged.groups.len(),
+                        routes = merged.route_count(),
+                        members = applied.members,
+                        "Kubernetes change applied"
+                    );
+                }
+                self.merged = merged;
+                self.forget_gone_sandboxes();
+            }
+            Err(err) => {
+                error!(error = %crate::error_chain(&err), "applying the Kubernetes change failed; the next change retries");
+            }
+        }
     }
 
     fn reload(&mut self, reason: &str) {
@@ -380,8 +550,9 @@ impl Daemon {
     }
 
     fn try_reload(&mut self, reason: &str) -> Result<(), ReloadError> {
-        let config =
-            config::load(&self.opts.config).map_err(|e| ReloadError::Rejected(e.into()))?;
+        let config = self
+            .opts
+            .amend(config::load(&self.opts.config).map_err(|e| ReloadError::Rejected(e.into()))?);
         let wanted = Placement::resolve(&self.opts, &config).map_err(ReloadError::Rejected)?;
         if wanted != self.placement
             || config.router != self.file.router
@@ -394,6 +565,7 @@ impl Daemon {
         }
         let merged = control::merge(&config.state, &self.api)
             .map_err(|e| ReloadError::Rejected(anyhow!("{e} {:?}", e.issues)))?;
+        let merged = self.with_kube(merged);
         let applied = self.sync.apply(&merged).map_err(|err| match err {
             err @ SyncError::MapFull { .. } => ReloadError::Rejected(err.into()),
             err => ReloadError::Partial(err.into()),
@@ -410,6 +582,7 @@ impl Daemon {
         );
         self.file = config;
         self.merged = merged;
+        self.forget_gone_sandboxes();
         Ok(())
     }
 
@@ -420,18 +593,52 @@ impl Daemon {
         }
         match self.sync.kernel.maps.counters() {
             Ok(counters) => info!(?counters, "kernel counters (all CPUs, since load)"),
-            Err(err) => warn!(error = %err, "cannot read kernel counters"),
+            Err(err) => warn!(error = %crate::error_chain(&err), "cannot read kernel counters"),
         }
         if self.opts.cleanup_on_exit {
             let bpffs = self.placement.bpffs.clone();
             drop(self);
             match programs::uninstall(&bpffs) {
                 Ok(_) => info!(bpffs = %bpffs.display(), "detached and removed all pins"),
-                Err(err) => error!(bpffs = %bpffs.display(), error = %err, "cleanup failed"),
+                Err(err) => {
+                    error!(bpffs = %bpffs.display(), error = %crate::error_chain(&err), "cleanup failed")
+                }
             }
         } else {
             info!("exiting; steering stays in place (pinned), `redirector uninstall` removes it");
         }
+    }
+}
+
+/// Waits until the Kubernetes source has read the cluster whole; None when asked to stop
+/// first.
+async fn first_update(source: &source::Source) -> anyhow::Result<Option<Arc<source::Update>>> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut updates = source.updates.clone();
+    loop {
+        if let Some(update) = updates.borrow_and_update().clone() {
+            return Ok(Some(update));
+        }
+        tokio::select! {
+            changed = updates.changed() => changed.context("the Kubernetes source stopped")?,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                let health = source.health.lock().map(|h| h.last_error.clone()).unwrap_or_default();
+                warn!(last_error = ?health, "still waiting for the Kubernetes API server; the kernel keeps its last state");
+            }
+            _ = terminate.recv() => return Ok(None),
+            _ = interrupt.recv() => return Ok(None),
+        }
+    }
+}
+
+/// Resolves when the Kubernetes source has published something new; never without one.
+async fn kube_changed(
+    updates: &mut Option<tokio::sync::watch::Receiver<Option<Arc<source::Update>>>>,
+) -> Option<()> {
+    match updates {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -21,6 +21,7 @@ pub(super) fn query(daemon: &Daemon, query: Query) -> Result<Value, ApiError> {
     let value = match query {
         Query::Status => status(daemon),
         Query::Stats => stats(daemon),
+        Query::Ping => Value::Null,
         Query::RefreshMetrics => {
             refresh_metrics(daemon);
             Value::Null
@@ -151,6 +152,7 @@ fn status(daemon: &Daemon) -> Value {
     });
     let merged = &daemon.merged;
     json!({
+        "kubernetes": kubernetes(daemon),
         "members": members(daemon),
         "version": env!("CARGO_PKG_VERSION"),
         "config": daemon.opts.config,
@@ -164,6 +166,7 @@ fn status(daemon: &Daemon) -> Value {
             { "map": "services", "entries": entries(|s| s.services.len()), "capacity": map_sizes::SERVICES },
             { "map": "routes", "entries": entries(|s| s.routes.len()), "capacity": map_sizes::ROUTES },
             { "map": "members", "entries": entries(|s| s.members.len()), "capacity": map_sizes::MEMBERS },
+            { "map": "endpoints", "entries": entries(|s| s.endpoints.len()), "capacity": map_sizes::ENDPOINTS },
         ],
         "router": router,
         "counts": {
@@ -179,6 +182,30 @@ fn status(daemon: &Daemon) -> Value {
                 "groups": daemon.api.groups.len(),
             },
         },
+    })
+}
+
+/// The Kubernetes source: connection, watches, objects seen, members found or not, and the
+/// objects that could not be applied with the reason.
+fn kubernetes(daemon: &Daemon) -> Value {
+    let Some(kube) = &daemon.kube else {
+        return Value::Null;
+    };
+    let health = kube
+        .source
+        .health
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|e| e.into_inner().clone());
+    let update = &kube.update;
+    let resolved = update.members.iter().filter(|m| m.netns.is_some()).count();
+    json!({
+        "health": health,
+        "rejected": kube.rejected,
+        "issues": update.issues,
+        "members_resolved": resolved,
+        "members_unresolved": update.members.len() - resolved,
+        "members": update.members,
     })
 }
 
@@ -257,7 +284,7 @@ fn stats(daemon: &Daemon) -> Value {
             .iter()
             .map(|(name, value)| (name.to_string(), json!(value)))
             .collect(),
-        Err(err) => [("error".to_owned(), json!(err.to_string()))]
+        Err(err) => [("error".to_owned(), json!(crate::error_chain(&err)))]
             .into_iter()
             .collect(),
     };
@@ -302,5 +329,6 @@ fn refresh_metrics(daemon: &Daemon) {
         metrics.map("services", written.services.len(), map_sizes::SERVICES);
         metrics.map("routes", written.routes.len(), map_sizes::ROUTES);
         metrics.map("members", written.members.len(), map_sizes::MEMBERS);
+        metrics.map("endpoints", written.endpoints.len(), map_sizes::ENDPOINTS);
     }
 }

@@ -33,7 +33,7 @@ pub enum SyncError {
         needed: usize,
         capacity: u32,
     },
-    #[error("{op} on map {map} failed: {source}")]
+    #[error("{op} on map {map} failed")]
     Map {
         map: &'static str,
         op: &'static str,

@@ -109,6 +109,35 @@ pub fn resolve_all<'a>(
     }
 }
 
+/// The IP addresses configured in the network namespace at `path` (on any interface), read by
+/// a short-lived thread that enters it.
+pub fn addresses(path: &Path) -> Result<Vec<std::net::IpAddr>, NetnsError> {
+    let file = open_namespace(path)?;
+    let read = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> io::Result<Vec<std::net::IpAddr>> {
+                setns(&file, CloneFlags::CLONE_NEWNET)?;
+                let addresses = nix::ifaddrs::getifaddrs()?
+                    .filter_map(|ifa| ifa.address)
+                    .filter_map(|addr| {
+                        addr.as_sockaddr_in()
+                            .map(|a| std::net::IpAddr::V4(a.ip()))
+                            .or_else(|| {
+                                addr.as_sockaddr_in6().map(|a| std::net::IpAddr::V6(a.ip()))
+                            })
+                    })
+                    .collect();
+                Ok(addresses)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    });
+    read.map_err(|source| NetnsError::Cookie {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Opens `path` as a namespace file without ever blocking, and refuses anything not on nsfs.
 fn open_namespace(path: &Path) -> Result<File, NetnsError> {
     let open_error = |source: io::Error| NetnsError::Open {

@@ -27,6 +27,12 @@ pub enum PrereqError {
     RootCgroup { path: PathBuf },
     #[error("no bpffs at {path}: mount one with `mount -t bpf bpf {path}` or fix `daemon.bpffs`")]
     NoBpffs { path: PathBuf },
+    #[error("cannot mount a bpffs at {path}")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub fn check_root() -> Result<(), PrereqError> {
@@ -93,6 +99,41 @@ pub fn check_bpffs(pin_dir: &Path) -> Result<(), PrereqError> {
     }
 }
 
+/// Makes sure a bpffs covers `pin_dir`: when none does and the nearest existing ancestor is an
+/// empty directory (as `/sys/fs/bpf` is on a node that never mounted one), mounts one there,
+/// as Cilium's agent does, and says where. Mounting over a directory with anything in it would
+/// hide it, so that is refused. Returns the mount point it created, if any.
+pub fn mount_bpffs_if_missing(pin_dir: &Path) -> Result<Option<PathBuf>, PrereqError> {
+    if check_bpffs(pin_dir).is_ok() {
+        return Ok(None);
+    }
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let empty = existing != Path::new("/")
+        && std::fs::read_dir(existing).is_ok_and(|mut entries| entries.next().is_none());
+    if !empty {
+        return Err(PrereqError::NoBpffs {
+            path: existing.to_owned(),
+        });
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        existing,
+        Some("bpf"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|errno| PrereqError::MountBpffs {
+        path: existing.to_owned(),
+        source: errno.into(),
+    })?;
+    Ok(Some(existing.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +143,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = check_bpffs(&dir.path().join("redirector")).unwrap_err();
         assert!(matches!(err, PrereqError::NoBpffs { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_directory_with_files_is_never_mounted_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keep"), "x").unwrap();
+        let err = mount_bpffs_if_missing(&dir.path().join("redirector")).unwrap_err();
+        assert!(matches!(err, PrereqError::NoBpffs { .. }), "{err}");
+        assert!(dir.path().join("keep").exists());
     }
 
     #[test]

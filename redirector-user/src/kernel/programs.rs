@@ -4,12 +4,12 @@
 //! Layout under the pin directory (default `/sys/fs/bpf/redirector`):
 //!
 //! ```text
-//! RDR_*_v1                              maps, pinned by name (reused on start: the state survives)
+//! RDR_*_v2                              maps, pinned by name (reused on start: the state survives)
 //! links/cg<INODE>/<IDENTITY>/<hook>     one bpf_link per hook, for the cgroup with that inode
 //! ```
 //!
 //! `IDENTITY` names the programs: the map layout version and a hash of the eBPF object
-//! (`v1-0123456789abcdef`). On start, a hook whose link is already pinned for the configured
+//! (`v2-0123456789abcdef`). On start, a hook whose link is already pinned for the configured
 //! cgroup *and this identity* is adopted, not attached again, so a restart (even after
 //! `kill -9`) never leaves a window without steering and never stacks duplicate programs.
 //!
@@ -62,42 +62,42 @@ pub(crate) static EBPF_OBJECT: &[u8] =
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot create pin directory {path}: {source}")]
+    #[error("cannot create pin directory {path}")]
     PinDir {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot open attach cgroup {path}: {source}")]
+    #[error("cannot open attach cgroup {path}")]
     Cgroup {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("loading the eBPF object failed: {0}")]
+    #[error("loading the eBPF object failed")]
     Object(#[from] EbpfError),
     #[error("the eBPF object has no {kind} {name:?} (build mismatch)")]
     Missing { kind: &'static str, name: String },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
         source: MapError,
     },
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("cannot pin link of {name} at {path}: {source}")]
+    #[error("cannot pin link of {name} at {path}")]
     PinLink {
         name: &'static str,
         path: PathBuf,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("pinned link {path} is unusable: {source}")]
+    #[error("pinned link {path} is unusable")]
     BadPin {
         path: PathBuf,
         #[source]
@@ -106,7 +106,7 @@ pub enum LoadError {
 }
 
 /// Identity of the kernel programs this daemon carries: the map layout version and the first
-/// 64 bits of the eBPF object's SHA-256, e.g. `v1-0123456789abcdef`.
+/// 64 bits of the eBPF object's SHA-256, e.g. `v2-0123456789abcdef`.
 pub fn identity() -> String {
     let digest = Sha256::digest(EBPF_OBJECT);
     let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
@@ -281,6 +281,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
         services: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::SERVICES)?,
         members: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::MEMBERS)?,
         routes: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::ROUTES)?,
+        endpoints: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::ENDPOINTS)?,
         stats: take::<PerCpuArray<MapData, _>>(ebpf, map_names::STATS)?,
         route_stats: take::<PerCpuHashMap<MapData, _, _>>(ebpf, map_names::ROUTE_STATS)?,
     })
@@ -328,8 +329,15 @@ pub fn uninstall(pin_dir: &Path) -> Result<bool, io::Error> {
     if links.exists() {
         fs::remove_dir_all(&links)?;
     }
-    for name in map_names::ALL {
-        match fs::remove_file(pin_dir.join(name)) {
+    // Every layout's maps: a node upgraded from an older layout whose daemon never got to
+    // retire them may still hold its pins.
+    for entry in fs::read_dir(pin_dir)? {
+        let entry = entry?;
+        let ours = entry.file_name().to_string_lossy().starts_with("RDR_");
+        if !ours {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
             Err(err) => return Err(err),
@@ -340,5 +348,26 @@ pub fn uninstall(pin_dir: &Path) -> Result<bool, io::Error> {
         // Someone else's pins live there too: leave them.
         Err(err) if err.kind() == io::ErrorKind::DirectoryNotEmpty => Ok(true),
         Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The programs declare their maps by literal name (redirector-ebpf/src/maps.rs); the
+    /// daemon opens them by `map_names`. A map renamed on one side only would fail at load.
+    #[test]
+    fn the_object_declares_every_map_under_its_versioned_name() {
+        let contains = |needle: &str| {
+            EBPF_OBJECT
+                .windows(needle.len())
+                .any(|window| window == needle.as_bytes())
+        };
+        for name in map_names::ALL {
+            assert!(contains(name), "{name} is not in the eBPF object");
+        }
+        assert!(!contains("RDR_ROUTES_v1"), "a map of the previous layout");
+        assert!(identity().starts_with(&format!("{MAP_VERSION}-")));
     }
 }
