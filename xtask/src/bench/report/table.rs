@@ -1,0 +1,359 @@
+//! The printed report: the machine and setup, the paths' figures, the program costs, the
+//! targets and the errors.
+use std::fmt::Write as _;
+
+use super::{
+    COST_CASES, PATHS, PROGRAMS, Report, conn_keys,
+    stat::{signed_spread, spread, us},
+};
+use crate::bench::{
+    load::{CONNECT_WORKERS, CONNECTIONS},
+    measure::{IPTABLES_RULES, MAIN_ROUTES, RATE_RUNS, SWEEP_ROUTES},
+    sys::{CLIENT_CPU, SERVER_CPU},
+};
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let m = &self.json["machine"];
+        let s = &self.json["setup"];
+        let spread_note = if self.profile_quick {
+            "quick: one repeat, short runs"
+        } else {
+            "median of the repeats, (min-max) where shown"
+        };
+        let _ = writeln!(
+            t,
+            "\nredirector bench ({}; {} repeat(s); {spread_note})",
+            self.json["mode"].as_str().unwrap_or(""),
+            s["repeats"]
+        );
+        let _ = writeln!(
+            t,
+            "{}  kernel {}  {} cores ({})  commit {}{}",
+            m["date"].as_str().unwrap_or("?"),
+            m["kernel"].as_str().unwrap_or("?"),
+            m["cores"],
+            m["cpu_model"].as_str().unwrap_or("?"),
+            m["git_commit"].as_str().unwrap_or("?"),
+            if m["git_dirty"].as_bool() == Some(true) {
+                "+changes"
+            } else {
+                ""
+            }
+        );
+        if let Some(steal) = m["steal_ms_during_run"].as_f64() {
+            let _ = writeln!(
+                t,
+                "hypervisor steal time during the run: {steal:.0} ms (over {:.0} s)",
+                self.json["duration_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let _ = writeln!(
+            t,
+            "client on CPU {CLIENT_CPU}; servers, daemon and nginx on CPU {SERVER_CPU}; GET with a baggage header, 128-byte answer; \
+             {CONNECTIONS} keep-alive connections; {MAIN_ROUTES} routes loaded for the latency and max-rate runs"
+        );
+
+        let _ = writeln!(
+            t,
+            "\nLatency at a fixed rate, us: p50 / p99 / p99.9 (open loop, measured from the scheduled send time)"
+        );
+        let _ = writeln!(
+            t,
+            "{:<16}{:<26}{:<26}new connection 1000/s",
+            "path", "keep-alive 1000/s", "keep-alive 5000/s"
+        );
+        for (path, label) in PATHS {
+            let mut row = format!("{label:<16}");
+            for (fig, _, _) in RATE_RUNS {
+                let q = |p: &str| {
+                    self.stat(&format!("{path}.{fig}.{p}"))
+                        .map_or("-".into(), |s| us(s.median))
+                };
+                let _ = write!(
+                    row,
+                    "{:<26}",
+                    format!("{} / {} / {}", q("p50_us"), q("p99_us"), q("p999_us"))
+                );
+            }
+            let _ = writeln!(t, "{}", row.trim_end());
+        }
+        let _ = writeln!(
+            t,
+            "{:<16}{}",
+            "",
+            "(includes the client's own wake-up lag, same on every path: direct p50 lag "
+                .to_owned()
+                + &self
+                    .stat("direct.ka1000.lag_p50_us")
+                    .map_or("-".into(), |s| us(s.median))
+                + " us at 1000/s)"
+        );
+
+        let _ = writeln!(
+            t,
+            "\nAdded latency at 1000 req/s keep-alive, us, and as a ratio (within each repeat, then median)"
+        );
+        let _ = writeln!(
+            t,
+            "{:<16}{:<26}{:<26}{:<12}x direct p99",
+            "path", "p50 - direct", "p99 - direct", "x direct p50"
+        );
+        let rows = [
+            ("fast", "fast path", "direct"),
+            ("l4", "L4 steered", "direct"),
+            ("l7_fork", "L7 to fork", "direct"),
+            ("l7_base", "L7 to baseline", "direct"),
+            ("nginx", "nginx (fork)", "direct"),
+            ("l7_fork", "L7 fork - nginx", "nginx"),
+        ];
+        for (path, label, base) in rows {
+            let d = |p: &str| {
+                self.diff(&format!("{path}.ka1000.{p}"), &format!("{base}.ka1000.{p}"))
+                    .map_or("-".into(), |s| signed_spread(s, 1))
+            };
+            let x = |p: &str| {
+                self.ratio(&format!("{path}.ka1000.{p}"), &format!("{base}.ka1000.{p}"))
+                    .map_or("-".into(), |s| format!("{:.2}", s.median))
+            };
+            let (p50, p99, x50, x99) = (d("p50_us"), d("p99_us"), x("p50_us"), x("p99_us"));
+            let _ = writeln!(t, "{label:<16}{p50:<26}{p99:<26}{x50:<12}{x99}");
+        }
+
+        let _ = writeln!(
+            t,
+            "\n{:<16}{:<34}{:<10}{:<30}x direct",
+            "Throughput", "max req/s with p99 <= 1 ms", "x direct", "connections/s"
+        );
+        for (path, label) in PATHS {
+            let max = self.stat(&format!("{path}.max.max_rate"));
+            let (conn_key, direct_key) = conn_keys(path);
+            let conn = self.stat(&conn_key);
+            let rmax = self.ratio(&format!("{path}.max.max_rate"), "direct.max.max_rate");
+            let rconn = self.ratio(&conn_key, &direct_key);
+            let _ = writeln!(
+                t,
+                "{label:<16}{:<34}{:<10}{:<30}{}",
+                max.map_or("-".into(), |s| spread(s, 0)),
+                rmax.map_or("-".into(), |s| format!("{:.2}", s.median)),
+                conn.map_or("-".into(), |s| spread(s, 0)),
+                rconn.map_or("-".into(), |s| format!("{:.3}", s.median)),
+            );
+        }
+        for path in ["l7_fork", "l7_base"] {
+            let rmax = self.ratio(&format!("{path}.max.max_rate"), "nginx.max.max_rate");
+            let rconn = self.ratio(
+                &format!("{path}.conn.achieved_rate"),
+                "nginx.conn.achieved_rate",
+            );
+            let _ = writeln!(
+                t,
+                "{:<16}{:<34}{:<10}{:<30}{}",
+                format!("{path} x nginx"),
+                "",
+                rmax.map_or("-".into(), |s| format!("{:.2}", s.median)),
+                "",
+                rconn.map_or("-".into(), |s| format!("{:.2}", s.median)),
+            );
+        }
+
+        let _ = writeln!(
+            t,
+            "\nCPU per 1000 requests, ms (server; proxy = node router or nginx), measured around each fixed-rate run"
+        );
+        let _ = writeln!(
+            t,
+            "{:<16}{:<30}{:<30}new connection 1000/s",
+            "path", "keep-alive 1000/s", "keep-alive 5000/s"
+        );
+        for (path, label) in PATHS {
+            let mut row = format!("{label:<16}");
+            for (fig, _, _) in RATE_RUNS {
+                let c = |who: &str| {
+                    self.stat(&format!("{path}.{fig}.cpu_ms_per_1k.{who}"))
+                        .map(|s| format!("{:.1}", s.median))
+                };
+                let cell = match (c("server"), c("proxy")) {
+                    (Some(srv), Some(proxy)) => format!("{srv} + {proxy}"),
+                    (Some(srv), None) => srv,
+                    _ => "-".into(),
+                };
+                let _ = write!(row, "{cell:<30}");
+            }
+            let _ = writeln!(t, "{}", row.trim_end());
+        }
+
+        let _ = writeln!(
+            t,
+            "\nConnection rate vs table size, connections/s (x direct); connect + one request + close, {CONNECT_WORKERS} workers"
+        );
+        // Each cell: rate (x the direct rate measured just before it).
+        let row = |t: &mut String, label: &str, cells: Vec<(String, String, String)>| {
+            let mut line = format!("{label:<24}");
+            for (n, key, direct) in cells {
+                let v = self
+                    .stat(&key)
+                    .map_or("-".into(), |s| format!("{:.0}", s.median));
+                let r = if key == direct {
+                    String::new()
+                } else {
+                    self.ratio(&key, &direct)
+                        .map_or(" (-)".into(), |s| format!(" ({:.3})", s.median))
+                };
+                let _ = write!(line, "{:<28}", format!("{n}: {v}{r}"));
+            }
+            let _ = writeln!(t, "{}", line.trim_end());
+        };
+        let mut sweep = SWEEP_ROUTES;
+        sweep.sort_unstable();
+        let routes_row = |path: &str| -> Vec<(String, String, String)> {
+            sweep
+                .iter()
+                .map(|n| {
+                    (
+                        n.to_string(),
+                        format!("{path}.conn@{n}.achieved_rate"),
+                        format!("pair.direct.conn@{n}.achieved_rate"),
+                    )
+                })
+                .collect()
+        };
+        row(&mut t, "direct, before each", routes_row("pair.direct"));
+        row(&mut t, "fast path, routes", routes_row("fast"));
+        row(&mut t, "redirector L4, routes", routes_row("l4"));
+        let ipt = "pair.direct.conn@iptables.achieved_rate".to_owned();
+        let mut cells = vec![("direct".to_owned(), ipt.clone(), ipt.clone())];
+        cells.extend(IPTABLES_RULES.iter().map(|n| {
+            (
+                n.to_string(),
+                format!("iptables.conn@{n}.achieved_rate"),
+                ipt.clone(),
+            )
+        }));
+        row(&mut t, "iptables DNAT, rules", cells);
+
+        let _ = writeln!(
+            t,
+            "\nKernel program cost, ns per run (bpf_stats run_time_ns / run_cnt), and all runs a connection causes"
+        );
+        let _ = writeln!(
+            t,
+            "{:<18}{:<18}{}",
+            "program",
+            "connection",
+            sweep
+                .iter()
+                .map(|n| format!("{:<19}", format!("{n} routes")))
+                .collect::<String>()
+                .trim_end()
+        );
+        let mut names: Vec<String> = PROGRAMS.iter().map(|s| (*s).to_owned()).collect();
+        for key in self.results_values.keys() {
+            if let Some(rest) = key.strip_prefix("cost.")
+                && let Some((_, rest)) = rest.split_once('.')
+                && let Some((name, _)) = rest.split_once('@')
+                && name != "per_connection"
+                && !names.iter().any(|n| n == name)
+            {
+                names.push(name.to_owned());
+            }
+        }
+        for (case, label) in COST_CASES {
+            let cells: Vec<String> = sweep
+                .iter()
+                .map(|n| {
+                    let ns = self.stat(&format!("cost.{case}.per_connection@{n}.ns"));
+                    format!("{:<19}", ns.map_or("-".into(), |s| spread(s, 0)))
+                })
+                .collect();
+            let _ = writeln!(
+                t,
+                "{:<18}{:<18}{}",
+                "all, per conn.",
+                label,
+                cells.concat().trim_end()
+            );
+        }
+        for name in &names {
+            for (case, label) in COST_CASES {
+                let cells: Vec<String> = sweep
+                    .iter()
+                    .map(|n| {
+                        let ns = self.stat(&format!("cost.{case}.{name}@{n}.ns"));
+                        format!("{:<19}", ns.map_or("-".into(), |s| spread(s, 0)))
+                    })
+                    .collect();
+                if cells.iter().all(|c| c.trim() == "-") {
+                    continue;
+                }
+                let _ = writeln!(t, "{:<18}{:<18}{}", name, label, cells.concat().trim_end());
+            }
+        }
+
+        let mib = |k: &str| {
+            self.stat(k)
+                .map_or("-".into(), |s| format!("{:.1}", s.median / 1024.0))
+        };
+        let per_count = |f: &dyn Fn(usize) -> String| {
+            sweep.iter().map(|n| f(*n)).collect::<Vec<_>>().join(" / ")
+        };
+        let _ = writeln!(t, "\nDaemon (its node router included)");
+        let _ = writeln!(
+            t,
+            "  RSS      {} MiB with 10 / 10 000 / 100 000 routes; {} MiB after the L7 runs (peak {})",
+            per_count(&|n| mib(&format!("daemon.rss_kib@{n}"))),
+            mib("daemon.rss_kib"),
+            mib("daemon.hwm_kib"),
+        );
+        let _ = writeln!(
+            t,
+            "  CPU      {} ms per 1000 routed requests (L7 to fork, keep-alive 5000/s); idle {} ms per second",
+            self.stat("l7_fork.ka5000.cpu_ms_per_1k.proxy")
+                .map_or("-".into(), |s| spread(s, 1)),
+            per_count(&|n| self
+                .stat(&format!("daemon.idle_cpu_ms_per_s@{n}"))
+                .map_or("-".into(), |s| format!("{:.1}", s.median))),
+        );
+        let _ = writeln!(
+            t,
+            "  start    {} s until ready with 10 / 10 000 / 100 000 routes",
+            per_count(&|n| self
+                .stat(&format!("daemon.start_s@{n}"))
+                .map_or("-".into(), |s| format!("{:.1}", s.median))),
+        );
+
+        let _ = writeln!(t, "\nTargets (reported, never asserted)");
+        for tg in self.json["targets"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let verdict = match tg["met"].as_bool() {
+                Some(true) => "met   ",
+                Some(false) => "MISSED",
+                None => "n/a   ",
+            };
+            let _ = writeln!(
+                t,
+                "  {verdict}  {:<68} {}",
+                tg["target"].as_str().unwrap_or(""),
+                tg["shown"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(errors) = self.json["errors"].as_object()
+            && !errors.is_empty()
+        {
+            let _ = writeln!(t, "\nFailed requests (their runs' figures are suspect):");
+            for (k, v) in errors {
+                let _ = writeln!(
+                    t,
+                    "  {k}: {} ({})",
+                    v["count"],
+                    v["first"].as_str().unwrap_or("")
+                );
+            }
+        }
+        t
+    }
+}
