@@ -324,10 +324,10 @@ fn status_stats_and_metrics_follow_real_traffic() {
         return;
     };
     c.start(&[]);
-    let status = cli_json(&c, &["status"]);
-    assert_eq!(status["programs"].as_array().unwrap().len(), 9, "{status}");
-    assert_eq!(status["maps"][1]["map"], "routes");
-    assert_eq!(status["maps"][1]["entries"], 4, "{status}");
+    let status = support::status(&c);
+    assert_eq!(status.programs.len(), 9, "{status:?}");
+    assert_eq!(status.maps[1].map, "routes");
+    assert_eq!(status.maps[1].entries, 4, "{status:?}");
     let (code, table, _) = cli(&c, &["status"]);
     assert_eq!(code, 0);
     assert!(
@@ -353,16 +353,14 @@ fn status_stats_and_metrics_follow_real_traffic() {
         "{after}"
     );
 
-    let stats = cli_json(&c, &["stats"]);
-    assert!(stats["kernel"]["steered"].as_u64().unwrap() >= 3, "{stats}");
-    let route = stats["routes"]
-        .as_array()
-        .unwrap()
+    let stats = support::stats(&c);
+    assert!(stats.kernel.get("steered").unwrap() >= 3, "{stats:?}");
+    let steered = stats
+        .routes
         .iter()
-        .find(|r| r["sandbox"] == "pr-1" && r["service"] == "svc-a")
-        .cloned()
-        .unwrap_or_default();
-    assert!(route["steered"].as_u64().unwrap_or(0) >= 3, "{stats}");
+        .find(|r| r.sandbox == "pr-1" && r.service == "svc-a")
+        .map_or(0, |r| r.steered);
+    assert!(steered >= 3, "{stats:?}");
 
     // A reload shows up too.
     c.write_config(&c.config_text(false));

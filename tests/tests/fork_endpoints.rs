@@ -6,6 +6,7 @@ mod support;
 use std::{collections::BTreeMap, ffi::OsString, path::PathBuf, time::Duration};
 
 use redirector_tests::{CallOpts, Daemon, HttpReq, Node, Pod, Proto, Server, require_e2e};
+use redirector_user::api::answers::StatusAnswer;
 use serde_json::Value;
 use support::{READY, addr, l7::served_by, redirector, write_atomically};
 
@@ -292,17 +293,12 @@ fn connections_and_requests_spread_over_every_endpoint_and_leave_a_removed_one()
         .collect();
     assert_eq!(web_route["forks"], serde_json::json!(want), "{routes}");
     let endpoints_in_kernel = |c: &Setup| {
-        let status = c.cli_json(&["status"]);
-        status["maps"]
-            .as_array()
-            .expect("maps")
-            .iter()
-            .find(|m| m["map"] == "endpoints")
-            .map(|m| m["entries"].clone())
-            .unwrap_or(Value::Null)
+        let status: StatusAnswer =
+            serde_json::from_value(c.cli_json(&["status"])).expect("status answer");
+        status.map("endpoints").map(|m| m.entries)
     };
     // Three routes, each with two endpoints beyond the one in the route value.
-    assert_eq!(endpoints_in_kernel(&c), 6);
+    assert_eq!(endpoints_in_kernel(&c), Some(6));
 
     // fork-c leaves the set: nothing new reaches it from the next sync on.
     c.reconfigure(2);
@@ -310,7 +306,7 @@ fn connections_and_requests_spread_over_every_endpoint_and_leave_a_removed_one()
     assert_spread("member tcp, 2 endpoints", &tcp, &FORKS[..2], AT_LEAST);
     let web = c.http_spread("pr-1", 20);
     assert_spread("frontend http, 2 endpoints", &web, &FORKS[..2], 10);
-    assert_eq!(endpoints_in_kernel(&c), 3);
+    assert_eq!(endpoints_in_kernel(&c), Some(3));
 
     // Down to one endpoint and back up to three.
     c.reconfigure(1);
@@ -320,7 +316,7 @@ fn connections_and_requests_spread_over_every_endpoint_and_leave_a_removed_one()
         &FORKS[..1],
         10,
     );
-    assert_eq!(endpoints_in_kernel(&c), 0);
+    assert_eq!(endpoints_in_kernel(&c), Some(0));
     c.reconfigure(3);
     let tcp = c.tcp_spread(&c.member, CONNECTIONS);
     assert_spread("member tcp, 3 endpoints again", &tcp, &FORKS, AT_LEAST);

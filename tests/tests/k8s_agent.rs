@@ -27,7 +27,10 @@ use redirector_tests::{
     k8s::{ClusterOptions, TestCluster, require_k8s},
     require_e2e,
 };
-use redirector_user::k8s::crd::{self, Sandbox};
+use redirector_user::{
+    api::answers::StatusAnswer,
+    k8s::crd::{self, Sandbox},
+};
 use serde_json::{Value, json};
 use support::{BASELINE, READY, eventually};
 
@@ -375,7 +378,7 @@ impl World {
         counts
     }
 
-    fn status(&self) -> Value {
+    fn status(&self) -> StatusAnswer {
         let out = std::process::Command::new(support::redirector())
             .args(["status", "-o", "json", "--socket"])
             .arg(self.api_socket())
@@ -386,7 +389,9 @@ impl World {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).expect("status json")
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("status json: {e}: {}", String::from_utf8_lossy(&out.stdout))
+        })
     }
 }
 
@@ -418,14 +423,22 @@ async fn apply_sandbox(client: &Client, spec: Value) -> Instant {
 }
 
 /// A cluster and one node whose `member` `pr-1` steers to `fork-1`: where most tests start.
+/// One test of this file at a time: each runs an API server, etcd, a daemon and a node's pods,
+/// and two at once on a 2-core machine turn latency assertions into a measure of the load.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 async fn steered(label: &str, opts: ClusterOptions) -> Option<(TestCluster, Client, World)> {
     let (cluster, client) = cluster(opts).await?;
     let mut w = World::new(label, &cluster, &client, "node-a").await;
     w.set_fork_endpoints(&[(0, true)]).await;
     w.start_daemon();
     apply_sandbox(&client, pr1()).await;
+    // Setup, not the latency check (a_sandbox_steers_its_members_to_the_fork_and_back has it).
     assert!(
-        eventually(Duration::from_secs(1), || w.tcp(&w.member, v4(TCP_PORT))
+        eventually(Duration::from_secs(5), || w.tcp(&w.member, v4(TCP_PORT))
             == "fork-1"),
         "{label}: the member is steered; daemon logs:\n{}",
         w.logs()
@@ -442,6 +455,7 @@ fn pr1() -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_steers_its_members_to_the_fork_and_back() {
+    let _serial = serial().await;
     let Some((cluster, client)) = cluster(ClusterOptions::default()).await else {
         return;
     };
@@ -482,10 +496,10 @@ async fn a_sandbox_steers_its_members_to_the_fork_and_back() {
         "the member sees the Service"
     );
     let status = w.status();
-    let kube = &status["kubernetes"];
-    assert_eq!(kube["health"]["connected"], true, "{kube}");
-    assert_eq!(kube["members_resolved"], 2, "member and fork pod: {kube}");
-    assert_eq!(kube["issues"], json!([]), "{kube}");
+    let kube = status.kubernetes.expect("the Kubernetes source in status");
+    assert!(kube.health.connected, "{kube:?}");
+    assert_eq!(kube.members_resolved, 2, "member and fork pod: {kube:?}");
+    assert_eq!(kube.issues, [], "{kube:?}");
 
     Api::<Sandbox>::namespaced(client.clone(), NS)
         .delete("pr-1", &DeleteParams::default())
@@ -502,6 +516,7 @@ async fn a_sandbox_steers_its_members_to_the_fork_and_back() {
 /// through the node router, and each request reaches the fork or the baseline by its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_requests_are_routed_by_their_key() {
+    let _serial = serial().await;
     let Some((cluster, client)) = cluster(ClusterOptions::default()).await else {
         return;
     };
@@ -548,6 +563,7 @@ async fn http_requests_are_routed_by_their_key() {
 /// of the file is left out and reported; the file's keeps working, and so do the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clash_with_the_config_file_is_reported_not_merged() {
+    let _serial = serial().await;
     let Some((cluster, client)) = cluster(ClusterOptions::default()).await else {
         return;
     };
@@ -567,17 +583,13 @@ async fn a_clash_with_the_config_file_is_reported_not_merged() {
         "the file's sandbox"
     );
     apply_sandbox(&client, pr1()).await;
-    let mut status = Value::Null;
+    let mut kube = None;
     let reported = eventually(Duration::from_secs(2), || {
-        status = w.status();
-        status["kubernetes"]["rejected"]
-            .as_array()
-            .is_some_and(|r| {
-                r.iter()
-                    .any(|m| m.as_str().is_some_and(|m| m.contains("\"pr-1\"")))
-            })
+        kube = w.status().kubernetes;
+        kube.as_ref()
+            .is_some_and(|k| k.rejected.iter().any(|m| m.contains("\"pr-1\"")))
     });
-    assert!(reported, "the clash is reported: {}", status["kubernetes"]);
+    assert!(reported, "the clash is reported: {kube:?}");
     assert_eq!(
         w.tcp(&w.member, v4(TCP_PORT)),
         "fork-2",
@@ -600,6 +612,7 @@ async fn a_clash_with_the_config_file_is_reported_not_merged() {
 /// down, it waits for it and never flushes what the previous run pinned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_without_the_api_server_keeps_steering() {
+    let _serial = serial().await;
     let Some((mut cluster, _client, mut w)) =
         steered("k8s-restart", ClusterOptions::default()).await
     else {
@@ -642,6 +655,7 @@ async fn a_restart_without_the_api_server_keeps_steering() {
 /// on the port the Service's `targetPort` names in their spec.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_given_by_a_pod_selector_reaches_its_ready_pods() {
+    let _serial = serial().await;
     let Some((cluster, client)) = cluster(ClusterOptions::default()).await else {
         return;
     };
@@ -685,6 +699,7 @@ async fn a_fork_given_by_a_pod_selector_reaches_its_ready_pods() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_scaled_to_three_gets_new_connections_on_all_ready_ones() {
+    let _serial = serial().await;
     let Some((_cluster, _client, w)) = steered("k8s-scale", ClusterOptions::default()).await else {
         return;
     };
@@ -720,6 +735,7 @@ async fn a_fork_scaled_to_three_gets_new_connections_on_all_ready_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_pod_whose_sandbox_restarts_is_followed() {
+    let _serial = serial().await;
     let Some((_cluster, client, mut w)) =
         steered("k8s-podrestart", ClusterOptions::default()).await
     else {
@@ -765,6 +781,7 @@ async fn a_member_pod_whose_sandbox_restarts_is_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_node_steers_only_its_own_pods() {
+    let _serial = serial().await;
     let Some((cluster, client)) = cluster(ClusterOptions::default()).await else {
         return;
     };
@@ -786,12 +803,8 @@ async fn each_node_steers_only_its_own_pods() {
     // Each daemon holds its own node's member and fork pod only: the other node's pods, with
     // the same labels (and here even the same IPs), are not its business.
     for w in [&a, &b] {
-        let status = w.status();
-        let members = status["kubernetes"]["members"]
-            .as_array()
-            .expect("members")
-            .clone();
-        let pods: Vec<&str> = members.iter().filter_map(|m| m["pod"].as_str()).collect();
+        let members = w.status().kubernetes.expect("kubernetes").members;
+        let pods: Vec<&str> = members.iter().map(|m| m.pod.as_str()).collect();
         assert_eq!(pods.len(), 2, "{pods:?}");
         assert!(
             pods.iter()
@@ -804,6 +817,7 @@ async fn each_node_steers_only_its_own_pods() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_going_away_changes_nothing_and_its_return_applies_changes() {
+    let _serial = serial().await;
     let Some((mut cluster, client, w)) = steered("k8s-outage", ClusterOptions::default()).await
     else {
         return;
@@ -820,7 +834,7 @@ async fn the_api_server_going_away_changes_nothing_and_its_return_applies_change
         assert_eq!(w.tcp(&w.outsider, v4(TCP_PORT)), BASELINE);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(w.status()["kubernetes"]["health"]["connected"], false);
+    assert!(!w.status().kubernetes.expect("kubernetes").health.connected);
     cluster.start_apiserver().await.expect("restart API server");
     // A change made after the return reaches the kernel: the outsider joins the sandbox.
     relabel_outsider(&w, &client).await;
@@ -848,6 +862,7 @@ async fn relabel_outsider(w: &World, client: &Client) {
 /// the API server answers 410 Gone, the agent lists again, and nothing it held is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_forcing_410_relists_and_loses_nothing() {
+    let _serial = serial().await;
     // Without the watch cache every watch reads etcd, so a compacted revision is 410 at once.
     let opts = ClusterOptions { watch_cache: false };
     let Some((mut cluster, client, w)) = steered("k8s-410", opts).await else {
@@ -885,6 +900,7 @@ async fn a_compaction_forcing_410_relists_and_loses_nothing() {
 /// them, and its schema refuses a Sandbox with a bad key or without forks, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_committed_crds_validate_sandboxes() {
+    let _serial = serial().await;
     if !require_k8s() {
         return;
     }
@@ -941,6 +957,7 @@ async fn the_committed_crds_validate_sandboxes() {
 /// containers are not up yet do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_1000_pods_and_500_sandboxes() {
+    let _serial = serial().await;
     use futures::StreamExt as _;
     const PODS: usize = 1000;
     const SANDBOXES: usize = 500;
@@ -990,13 +1007,13 @@ async fn a_node_with_1000_pods_and_500_sandboxes() {
     let creating = created.elapsed();
     let done = Instant::now();
     let applied = eventually(Duration::from_secs(120), || {
-        let status = w.status();
-        status["counts"]["sandboxes"] == SANDBOXES && status["counts"]["routes"] == SANDBOXES
+        let counts = w.status().counts;
+        counts.sandboxes == SANDBOXES && counts.routes == SANDBOXES
     });
     assert!(
         applied,
-        "all 500 Sandboxes in the kernel; status:\n{}",
-        w.status()["counts"]
+        "all 500 Sandboxes in the kernel; status:\n{:?}",
+        w.status().counts
     );
     let pid = w.daemon.as_ref().expect("daemon").pid();
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -1010,7 +1027,7 @@ async fn a_node_with_1000_pods_and_500_sandboxes() {
         "scale: {PODS} pods + {SANDBOXES} sandboxes created in {creating:?}; state complete {:?} \
          after the last object; agent {rss}; members unresolved {}",
         done.elapsed(),
-        status["kubernetes"]["members_unresolved"]
+        status.kubernetes.map_or(0, |k| k.members_unresolved)
     );
     // The node's own pods still work as before.
     w.set_fork_endpoints(&[(0, true)]).await;

@@ -3,9 +3,10 @@
 mod support;
 
 use redirector_tests::CallOpts;
+use redirector_user::api::answers::MemberState;
 use std::time::Duration;
 
-use support::{BASELINE, Cluster, FORK, OTHER4, VIP4, VIP6, addr, cli_json, eventually};
+use support::{BASELINE, Cluster, FORK, OTHER4, VIP4, VIP6, addr, eventually};
 
 #[test]
 fn member_reaches_the_fork_over_tcp_and_udp_v4_and_v6() {
@@ -108,13 +109,8 @@ fn member_whose_namespace_is_replaced_is_steered_again() {
     c.start(&["--poll-interval", "200ms"]);
     assert_eq!(c.tcp(&c.member, VIP4), FORK, "before the restart");
     let member = c.member.clone();
-    let member_states = |c: &Cluster| -> Vec<String> {
-        cli_json(c, &["status"])["members"]
-            .as_array()
-            .expect("members in status")
-            .iter()
-            .map(|m| m["state"].as_str().unwrap_or("?").to_owned())
-            .collect()
+    let member_states = |c: &Cluster| -> Vec<MemberState> {
+        support::status(c).members.iter().map(|m| m.state).collect()
     };
 
     // Replaced at once: no poll can see the path missing.
@@ -124,14 +120,15 @@ fn member_whose_namespace_is_replaced_is_steered_again() {
         eventually(Duration::from_secs(1), || c.tcp(&c.member, VIP4) == FORK),
         "a namespace replaced at once is steered again within a second"
     );
-    assert_eq!(member_states(&c), ["steered"]);
+    assert_eq!(member_states(&c), [MemberState::Steered]);
 
     // Replaced after a pause: the dead namespace's cookie leaves the kernel meanwhile.
     c.node.delete_pod_netns(&member).expect("delete netns");
     assert!(
         eventually(Duration::from_secs(1), || {
-            let status = cli_json(&c, &["status"]);
-            status["maps"][2]["entries"] == 0 && member_states(&c) == ["unresolved"]
+            let status = support::status(&c);
+            status.map("members").is_some_and(|m| m.entries == 0)
+                && member_states(&c) == [MemberState::Unresolved]
         }),
         "a gone namespace leaves the members map and shows as unresolved"
     );
@@ -140,7 +137,7 @@ fn member_whose_namespace_is_replaced_is_steered_again() {
         eventually(Duration::from_secs(1), || c.tcp(&c.member, VIP4) == FORK),
         "a namespace re-created after a pause is steered again within a second"
     );
-    assert_eq!(member_states(&c), ["steered"]);
+    assert_eq!(member_states(&c), [MemberState::Steered]);
     // The outsider was never disturbed.
     assert_eq!(c.tcp(&c.outsider, VIP4), BASELINE);
 }

@@ -4,6 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use http::Method;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{Output, SOCKET_HELP, out, render};
@@ -489,7 +490,8 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn status(api: ApiArgs) -> anyhow::Result<ExitCode> {
-    list(&api, "/v1/status", render::status).await
+    let value = call(&api, Method::GET, "/v1/status", None).await?;
+    print_typed(&api, &value, "status", render::status)
 }
 
 pub async fn stats(api: ApiArgs) -> anyhow::Result<ExitCode> {
@@ -497,7 +499,24 @@ pub async fn stats(api: ApiArgs) -> anyhow::Result<ExitCode> {
     if value.is_null() {
         bail!("the daemon returned no stats");
     }
-    print(&api, &value, render::stats)
+    print_typed(&api, &value, "stats", render::stats)
+}
+
+/// An answer with a type of its own: `-o json` prints it as the daemon sent it, the table is
+/// rendered from the typed answer.
+fn print_typed<T: DeserializeOwned>(
+    api: &ApiArgs,
+    value: &Value,
+    what: &str,
+    table: impl FnOnce(&T) -> String,
+) -> anyhow::Result<ExitCode> {
+    if api.output == Output::Json {
+        return print(api, value, |_| String::new());
+    }
+    let answer = T::deserialize(value)
+        .with_context(|| format!("the daemon's {what} answer does not read"))?;
+    out::print(table(&answer))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

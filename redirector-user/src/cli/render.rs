@@ -2,6 +2,10 @@
 use comfy_table::{Table, presets};
 use serde_json::Value;
 
+use crate::api::answers::{
+    KernelCounters, KubernetesStatus, MemberState, MemberStatus, StatsAnswer, StatusAnswer,
+};
+
 fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table
@@ -106,98 +110,114 @@ pub fn services(value: &Value) -> String {
     finish(t, "no services", value)
 }
 
-pub fn status(value: &Value) -> String {
+pub fn status(answer: &StatusAnswer) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "redirector {}\n  attach point  {}\n  pins          {}\n  api           {}\n",
-        s(&value["version"]),
-        s(&value["cgroup"]),
-        s(&value["bpffs"]),
-        s(&value["api_socket"]),
+        answer.version,
+        answer.cgroup.display(),
+        answer.bpffs.display(),
+        answer.api_socket.display(),
     ));
-    let hooks: Vec<String> = rows(&value["programs"])
+    let hooks: Vec<String> = answer
+        .programs
         .iter()
-        .map(|p| format!("{} ({})", s(&p["hook"]), s(&p["state"])))
+        .map(|p| format!("{} ({})", p.hook, word(p.state)))
         .collect();
     out.push_str(&format!("  programs      {}\n", hooks.join(", ")));
-    match value["router"].as_object() {
+    match &answer.router {
         Some(router) => out.push_str(&format!(
             "  router        serving on {} ({} connections)\n",
-            list(&router["listen"]),
-            s(&router["connections"])
+            joined(&router.listen),
+            router.connections
         )),
         None => out.push_str("  router        off (no daemon.router_listen)\n"),
     }
-    let c = &value["counts"];
+    let c = &answer.counts;
     out.push_str(&format!(
         "  state         {} services, {} sandboxes, {} groups, {} routes, {} member pods ({} not found)\n\n",
-        s(&c["services"]),
-        s(&c["sandboxes"]),
-        s(&c["groups"]),
-        s(&c["routes"]),
-        s(&c["member_pods"]),
-        s(&c["unresolved_member_pods"]),
+        c.services, c.sandboxes, c.groups, c.routes, c.member_pods, c.unresolved_member_pods,
     ));
     let mut t = table(&["MAP", "ENTRIES", "CAPACITY", "USED"]);
-    for m in rows(&value["maps"]) {
-        let entries = m["entries"].as_f64().unwrap_or(0.0);
-        let capacity = m["capacity"].as_f64().unwrap_or(1.0).max(1.0);
+    for m in &answer.maps {
+        let used = 100.0 * m.entries as f64 / f64::from(m.capacity.max(1));
         t.add_row(vec![
-            s(&m["map"]),
-            s(&m["entries"]),
-            s(&m["capacity"]),
-            format!("{:.1}%", 100.0 * entries / capacity),
+            m.map.clone(),
+            m.entries.to_string(),
+            m.capacity.to_string(),
+            format!("{used:.1}%"),
         ]);
     }
     out.push_str(&format!("{t}\n"));
-    if let Some(kube) = value["kubernetes"].as_object() {
+    if let Some(kube) = &answer.kubernetes {
         out.push_str(&kubernetes(kube));
     }
     // Only the members that are not steered: on a busy node the healthy ones are noise.
-    let unhealthy: Vec<&Value> = rows(&value["members"])
+    let unhealthy: Vec<&MemberStatus> = answer
+        .members
         .iter()
-        .filter(|m| m["state"] != "steered")
+        .filter(|m| m.state != MemberState::Steered)
         .collect();
     if !unhealthy.is_empty() {
         let mut t = table(&["SANDBOX", "MEMBER", "STATE"]);
         for m in unhealthy {
-            t.add_row(vec![s(&m["sandbox"]), s(&m["path"]), s(&m["state"])]);
+            t.add_row(vec![
+                m.sandbox.clone(),
+                m.path.display().to_string(),
+                word(m.state),
+            ]);
         }
         out.push_str(&format!("\n{t}\n"));
     }
     out
 }
 
+/// A unit enum variant as it reads on the wire (`not_applied`).
+fn word(value: impl serde::Serialize) -> String {
+    s(&serde_json::to_value(value).unwrap_or(Value::Null))
+}
+
+fn joined(items: &[impl std::fmt::Display]) -> String {
+    if items.is_empty() {
+        return "-".to_owned();
+    }
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The Kubernetes source: connection and objects on a few lines, then only what needs a look
 /// (objects left out, members not found, with the reason).
-fn kubernetes(kube: &serde_json::Map<String, Value>) -> String {
-    let h = &kube["health"];
-    let o = &h["objects"];
+fn kubernetes(kube: &KubernetesStatus) -> String {
+    let h = &kube.health;
+    let o = &h.objects;
     let mut out = format!(
         "\nkubernetes      node {}, {} ({} of 5 watches listed, {} failing){}\n  \
          objects       {} sandboxes, {} route groups, {} services, {} endpoint slices, {} pods on this node\n  \
          members       {} resolved, {} not found\n  \
          last sync     {}\n",
-        s(&h["node"]),
-        if h["connected"] == true {
+        h.node,
+        if h.connected {
             "connected"
         } else {
             "NOT connected"
         },
-        s(&h["watches_synced"]),
-        s(&h["watches_failing"]),
-        h["last_error"]
-            .as_str()
+        h.watches_synced,
+        h.watches_failing,
+        h.last_error
+            .as_ref()
             .map(|e| format!("; last error: {e}"))
             .unwrap_or_default(),
-        s(&o["sandboxes"]),
-        s(&o["route_groups"]),
-        s(&o["services"]),
-        s(&o["endpoint_slices"]),
-        s(&o["pods_on_node"]),
-        s(&kube["members_resolved"]),
-        s(&kube["members_unresolved"]),
-        h["last_sync"].as_u64().map_or_else(
+        o.sandboxes,
+        o.route_groups,
+        o.services,
+        o.endpoint_slices,
+        o.pods_on_node,
+        kube.members_resolved,
+        kube.members_unresolved,
+        h.last_sync.map_or_else(
             || "never".to_owned(),
             |at| {
                 let now = std::time::SystemTime::now()
@@ -209,23 +229,19 @@ fn kubernetes(kube: &serde_json::Map<String, Value>) -> String {
     );
     let mut t = table(&["OBJECT", "PROBLEM"]);
     let mut problems = 0;
-    for issue in rows(&kube["issues"]) {
-        t.add_row(vec![s(&issue["object"]), s(&issue["message"])]);
+    for issue in &kube.issues {
+        t.add_row(vec![issue.object.clone(), issue.message.clone()]);
         problems += 1;
     }
-    for rejected in rows(&kube["rejected"]) {
-        t.add_row(vec!["(left out)".to_owned(), s(rejected)]);
+    for rejected in &kube.rejected {
+        t.add_row(vec!["(left out)".to_owned(), rejected.clone()]);
         problems += 1;
     }
-    for m in rows(&kube["members"])
-        .iter()
-        .filter(|m| !m["error"].is_null())
-    {
-        t.add_row(vec![
-            format!("Pod {} ({})", s(&m["pod"]), s(&m["key"])),
-            s(&m["error"]),
-        ]);
-        problems += 1;
+    for m in &kube.members {
+        if let Some(error) = &m.error {
+            t.add_row(vec![format!("Pod {} ({})", m.pod, m.key), error.clone()]);
+            problems += 1;
+        }
     }
     if problems > 0 {
         out.push_str(&format!("{t}\n"));
@@ -233,25 +249,34 @@ fn kubernetes(kube: &serde_json::Map<String, Value>) -> String {
     out
 }
 
-pub fn stats(value: &Value) -> String {
+pub fn stats(answer: &StatsAnswer) -> String {
     let mut out = String::new();
     let mut t = table(&["KERNEL EVENT", "COUNT"]);
-    if let Some(kernel) = value["kernel"].as_object() {
-        for (name, count) in kernel {
-            t.add_row(vec![name.clone(), s(count)]);
+    match &answer.kernel {
+        KernelCounters::Counters(counters) => {
+            for (name, count) in counters {
+                t.add_row(vec![name.clone(), count.to_string()]);
+            }
+        }
+        KernelCounters::Error { error } => {
+            t.add_row(vec!["error".to_owned(), error.clone()]);
         }
     }
     out.push_str(&format!("{t}\n\n"));
-    if let Some(router) = value["router"].as_object() {
+    if let Some(router) = &answer.router {
         let mut t = table(&["ROUTER", "COUNT"]);
         for (name, count) in router {
-            t.add_row(vec![name.clone(), s(count)]);
+            t.add_row(vec![name.clone(), count.to_string()]);
         }
         out.push_str(&format!("{t}\n\n"));
     }
     let mut t = table(&["SANDBOX", "SERVICE", "CONNECTIONS STEERED"]);
-    for r in rows(&value["routes"]) {
-        t.add_row(vec![s(&r["sandbox"]), s(&r["service"]), s(&r["steered"])]);
+    for r in &answer.routes {
+        t.add_row(vec![
+            r.sandbox.clone(),
+            r.service.clone(),
+            r.steered.to_string(),
+        ]);
     }
     out.push_str(&format!("{t}\n"));
     out

@@ -7,10 +7,19 @@ use serde_json::{Value, json};
 use super::Daemon;
 use crate::{
     api::{
+        answers::{
+            ApiCounts, ChangeSummary, Counts, HookState, KernelCounters, KubernetesStatus,
+            MapStatus, MemberState, MemberStatus, ProgramStatus, RouteStats, RouterStatus,
+            StatsAnswer, StatusAnswer,
+        },
         server::Query,
         types::{ApiError, GroupSpec, Origin, Owned, RouteSpec, SandboxSpec, ServiceSpec},
     },
-    kernel::{maps::service_key, netns, programs::HOOKS},
+    kernel::{
+        maps::{KernelState, service_key},
+        netns,
+        programs::HOOKS,
+    },
     state::DesiredState,
 };
 
@@ -19,8 +28,8 @@ pub(super) fn query(daemon: &Daemon, query: Query) -> Result<Value, ApiError> {
     let origin = |in_file: bool| if in_file { Origin::File } else { Origin::Api };
     let file = &daemon.file.state;
     let value = match query {
-        Query::Status => status(daemon),
-        Query::Stats => stats(daemon),
+        Query::Status => to_json(status(daemon)),
+        Query::Stats => to_json(stats(daemon)),
         Query::Ping => Value::Null,
         Query::RefreshMetrics => {
             refresh_metrics(daemon);
@@ -114,12 +123,12 @@ pub(super) fn query(daemon: &Daemon, query: Query) -> Result<Value, ApiError> {
 
 /// The counts a change leaves behind: the answer to every successful change.
 pub(super) fn summary(merged: &DesiredState) -> Value {
-    json!({
-        "ok": true,
-        "services": merged.services.len(),
-        "sandboxes": merged.sandboxes.len(),
-        "groups": merged.groups.len(),
-        "routes": merged.route_count(),
+    to_json(ChangeSummary {
+        ok: true,
+        services: merged.services.len(),
+        sandboxes: merged.sandboxes.len(),
+        groups: merged.groups.len(),
+        routes: merged.route_count(),
     })
 }
 
@@ -127,70 +136,73 @@ fn to_json(value: impl serde::Serialize) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-fn status(daemon: &Daemon) -> Value {
+fn status(daemon: &Daemon) -> StatusAnswer {
     let written = daemon.sync.written.as_ref();
-    let entries = |count: fn(&crate::kernel::maps::KernelState) -> usize| written.map_or(0, count);
-    let hooks: Vec<Value> = HOOKS
+    let map = |map: &str, count: fn(&KernelState) -> usize, capacity: u32| MapStatus {
+        map: map.to_owned(),
+        entries: written.map_or(0, count),
+        capacity,
+    };
+    let programs = HOOKS
         .iter()
-        .map(|hook| {
-            let state = if daemon.report.adopted.contains(hook) {
-                "adopted"
+        .map(|hook| ProgramStatus {
+            hook: (*hook).to_owned(),
+            state: if daemon.report.adopted.contains(hook) {
+                HookState::Adopted
             } else if daemon.report.attached.contains(hook) {
-                "attached"
+                HookState::Attached
             } else {
-                "missing"
-            };
-            json!({ "hook": hook, "state": state })
+                HookState::Missing
+            },
         })
         .collect();
-    let router = daemon.router.as_ref().map(|router| {
-        json!({
-            "listen": daemon.file.router.listen,
-            "serving": true,
-            "connections": router.stats.connections.load(std::sync::atomic::Ordering::Relaxed),
-        })
+    let router = daemon.router.as_ref().map(|router| RouterStatus {
+        listen: daemon.file.router.listen.clone(),
+        serving: true,
+        connections: router
+            .stats
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed),
     });
     let merged = &daemon.merged;
-    json!({
-        "kubernetes": kubernetes(daemon),
-        "members": members(daemon),
-        "version": env!("CARGO_PKG_VERSION"),
-        "config": daemon.opts.config,
-        "cgroup": daemon.placement.cgroup,
-        "bpffs": daemon.placement.bpffs,
-        "api_socket": daemon.placement.api_socket,
-        "state_file": daemon.placement.state_file,
-        "programs": hooks,
-        "programs_identity": daemon.report.identity,
-        "maps": [
-            { "map": "services", "entries": entries(|s| s.services.len()), "capacity": map_sizes::SERVICES },
-            { "map": "routes", "entries": entries(|s| s.routes.len()), "capacity": map_sizes::ROUTES },
-            { "map": "members", "entries": entries(|s| s.members.len()), "capacity": map_sizes::MEMBERS },
-            { "map": "endpoints", "entries": entries(|s| s.endpoints.len()), "capacity": map_sizes::ENDPOINTS },
+    StatusAnswer {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        config: daemon.opts.config.clone(),
+        cgroup: daemon.placement.cgroup.clone(),
+        bpffs: daemon.placement.bpffs.clone(),
+        api_socket: daemon.placement.api_socket.clone(),
+        state_file: daemon.placement.state_file.clone(),
+        programs,
+        programs_identity: daemon.report.identity.clone(),
+        maps: vec![
+            map("services", |s| s.services.len(), map_sizes::SERVICES),
+            map("routes", |s| s.routes.len(), map_sizes::ROUTES),
+            map("members", |s| s.members.len(), map_sizes::MEMBERS),
+            map("endpoints", |s| s.endpoints.len(), map_sizes::ENDPOINTS),
         ],
-        "router": router,
-        "counts": {
-            "services": merged.services.len(),
-            "sandboxes": merged.sandboxes.len(),
-            "groups": merged.groups.len(),
-            "routes": merged.route_count(),
-            "member_pods": merged.member_count(),
-            "unresolved_member_pods": daemon.sync.unresolved_members,
-            "from_api": {
-                "services": daemon.api.services.len(),
-                "sandboxes": daemon.api.sandboxes.len(),
-                "groups": daemon.api.groups.len(),
+        router,
+        counts: Counts {
+            services: merged.services.len(),
+            sandboxes: merged.sandboxes.len(),
+            groups: merged.groups.len(),
+            routes: merged.route_count(),
+            member_pods: merged.member_count(),
+            unresolved_member_pods: daemon.sync.unresolved_members,
+            from_api: ApiCounts {
+                services: daemon.api.services.len(),
+                sandboxes: daemon.api.sandboxes.len(),
+                groups: daemon.api.groups.len(),
             },
         },
-    })
+        members: members(daemon),
+        kubernetes: kubernetes(daemon),
+    }
 }
 
 /// The Kubernetes source: connection, watches, objects seen, members found or not, and the
 /// objects that could not be applied with the reason.
-fn kubernetes(daemon: &Daemon) -> Value {
-    let Some(kube) = &daemon.kube else {
-        return Value::Null;
-    };
+fn kubernetes(daemon: &Daemon) -> Option<KubernetesStatus> {
+    let kube = daemon.kube.as_ref()?;
     let health = kube
         .source
         .health
@@ -199,20 +211,20 @@ fn kubernetes(daemon: &Daemon) -> Value {
         .unwrap_or_else(|e| e.into_inner().clone());
     let update = &kube.update;
     let resolved = update.members.iter().filter(|m| m.netns.is_some()).count();
-    json!({
-        "health": health,
-        "rejected": kube.rejected,
-        "issues": update.issues,
-        "members_resolved": resolved,
-        "members_unresolved": update.members.len() - resolved,
-        "members": update.members,
+    Some(KubernetesStatus {
+        health,
+        rejected: kube.rejected.clone(),
+        issues: update.issues.clone(),
+        members_resolved: resolved,
+        members_unresolved: update.members.len() - resolved,
+        members: update.members.clone(),
     })
 }
 
 /// Every member path: the namespace it names now against what the kernel's members map holds.
 /// A pod whose namespace was replaced shows as `stale` until the next poll follows it, instead
 /// of looking steered; one whose namespace is gone shows as `unresolved`, with the reason.
-fn members(daemon: &Daemon) -> Value {
+fn members(daemon: &Daemon) -> Vec<MemberStatus> {
     let in_kernel = daemon.sync.kernel.maps.read_members().unwrap_or_default();
     let ids = daemon.sync.ids.as_ref();
     let keys = daemon.merged.routing_keys();
@@ -221,7 +233,7 @@ fn members(daemon: &Daemon) -> Value {
         .flat_map(|s| s.members.iter().map(|p| (s.key.as_str(), p.as_path())))
         .collect();
     let now = netns::resolve_all(owners.iter().map(|(_, path)| *path));
-    let out: Vec<Value> = owners
+    owners
         .iter()
         .zip(now)
         .map(|((sandbox, path), (_, now))| {
@@ -230,23 +242,22 @@ fn members(daemon: &Daemon) -> Value {
                 Ok(cookie)
                     if sandbox_id.is_some() && in_kernel.get(cookie) == sandbox_id.as_ref() =>
                 {
-                    ("steered", None)
+                    (MemberState::Steered, None)
                 }
-                Ok(_) if daemon.sync.resolved.contains_key(*path) => ("stale", None),
-                Ok(_) => ("not_applied", None),
-                Err(err) => ("unresolved", Some(crate::error_chain(&err))),
+                Ok(_) if daemon.sync.resolved.contains_key(*path) => (MemberState::Stale, None),
+                Ok(_) => (MemberState::NotApplied, None),
+                Err(err) => (MemberState::Unresolved, Some(crate::error_chain(&err))),
             };
-            json!({
-                "sandbox": sandbox,
-                "path": path,
-                "state": state,
-                "cookie": now.as_ref().ok(),
-                "kernel_cookie": daemon.sync.resolved.get(*path),
-                "error": error,
-            })
+            MemberStatus {
+                sandbox: (*sandbox).to_owned(),
+                path: path.to_path_buf(),
+                state,
+                cookie: now.as_ref().ok().copied(),
+                kernel_cookie: daemon.sync.resolved.get(*path).copied(),
+                error,
+            }
         })
-        .collect();
-    Value::Array(out)
+        .collect()
 }
 
 /// (sandbox or group key, service name) of each route id, for labelling per-route counters.
@@ -278,18 +289,20 @@ fn route_names(daemon: &Daemon) -> HashMap<RouteKey, (String, String)> {
     names
 }
 
-fn stats(daemon: &Daemon) -> Value {
-    let kernel: serde_json::Map<String, Value> = match daemon.sync.kernel.maps.counters() {
-        Ok(counters) => counters
-            .iter()
-            .map(|(name, value)| (name.to_string(), json!(value)))
-            .collect(),
-        Err(err) => [("error".to_owned(), json!(crate::error_chain(&err)))]
-            .into_iter()
-            .collect(),
+fn stats(daemon: &Daemon) -> StatsAnswer {
+    let kernel = match daemon.sync.kernel.maps.counters() {
+        Ok(counters) => KernelCounters::Counters(
+            counters
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), *value))
+                .collect(),
+        ),
+        Err(err) => KernelCounters::Error {
+            error: crate::error_chain(&err),
+        },
     };
     let names = route_names(daemon);
-    let routes: Vec<Value> = daemon
+    let routes = daemon
         .sync
         .kernel
         .maps
@@ -298,7 +311,11 @@ fn stats(daemon: &Daemon) -> Value {
         .into_iter()
         .filter_map(|(key, steered)| {
             let (sandbox, service) = names.get(&key)?;
-            Some(json!({ "sandbox": sandbox, "service": service, "steered": steered }))
+            Some(RouteStats {
+                sandbox: sandbox.clone(),
+                service: service.clone(),
+                steered,
+            })
         })
         .collect();
     let router = daemon.router.as_ref().map(|router| {
@@ -306,10 +323,14 @@ fn stats(daemon: &Daemon) -> Value {
             .stats
             .snapshot()
             .into_iter()
-            .map(|(name, value)| (name.to_owned(), json!(value)))
-            .collect::<serde_json::Map<_, _>>()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect()
     });
-    json!({ "kernel": kernel, "routes": routes, "router": router })
+    StatsAnswer {
+        kernel,
+        routes,
+        router,
+    }
 }
 
 fn refresh_metrics(daemon: &Daemon) {

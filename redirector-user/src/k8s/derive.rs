@@ -92,7 +92,7 @@ fn selector_key(namespace: &str, selector: &LabelSelector) -> Option<SelectorKey
 pub type Netns = Result<PathBuf, String>;
 
 /// A problem with one object, which is left out of the state.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ObjectIssue {
     /// `Sandbox shop/pr-1`, `RouteGroup shop/both`.
     pub object: String,

@@ -27,7 +27,7 @@ use kube::{
         watcher,
     },
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
@@ -73,7 +73,7 @@ pub struct Update {
 }
 
 /// One member pod, resolved to a namespace or not (with the reason).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberReport {
     pub key: String,
     pub pod: String,
@@ -82,7 +82,7 @@ pub struct MemberReport {
 }
 
 /// The agent's health, for `redirector status`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     pub node: String,
     /// Every watch has listed once and none is failing now.
@@ -97,7 +97,7 @@ pub struct Health {
     pub objects: ObjectCounts,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectCounts {
     pub sandboxes: usize,
     pub route_groups: usize,
@@ -426,9 +426,16 @@ async fn derive_loop(
         let all: std::collections::BTreeSet<_> = wanted.values().flatten().cloned().collect();
         // /proc scans and setns are blocking work: off the async threads.
         let resolver = namespaces.clone();
-        let netns = tokio::task::spawn_blocking(move || lock(&resolver).resolve(&all))
-            .await
-            .unwrap_or_default();
+        let netns = match tokio::task::spawn_blocking(move || lock(&resolver).resolve(&all)).await {
+            Ok(netns) => netns,
+            Err(err) => {
+                // Publishing with no member resolved would take every member out of the
+                // kernel: keep the last state and try again at the next resync.
+                warn!(error = %err, "resolving pod namespaces failed; keeping the last state");
+                tokio::time::sleep(settings.resync).await;
+                continue;
+            }
+        };
         let derived = derive::derive(&snapshot, &netns);
         let update = Arc::new(to_update(derived));
         {

@@ -246,6 +246,20 @@ pub fn cli_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// `redirector status -o json`, read into the API's answer type.
+pub fn status(c: &Cluster) -> redirector_user::api::answers::StatusAnswer {
+    typed(cli_json(c, &["status"]))
+}
+
+/// `redirector stats -o json`, read into the API's answer type.
+pub fn stats(c: &Cluster) -> redirector_user::api::answers::StatsAnswer {
+    typed(cli_json(c, &["stats"]))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
+}
+
 /// Scrapes the daemon's metrics endpoint (127.0.0.1:9464 inside the node namespace) from a
 /// thread that enters the node's network namespace.
 pub fn scrape(node: &Node) -> String {
