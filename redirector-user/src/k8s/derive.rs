@@ -141,12 +141,16 @@ pub fn member_pods(snapshot: &Snapshot) -> BTreeMap<String, BTreeSet<MemberPod>>
     out
 }
 
-/// The desired state for `snapshot`, with members' namespace paths from `netns` (by pod UID;
-/// an `Err` says why a pod has none).
-pub fn derive(snapshot: &Snapshot, netns: &HashMap<String, Netns>) -> Derived {
+/// The desired state for `snapshot`: `claimed` is what [`member_pods`] found for it (the
+/// caller resolved those pods already, so it is not worked out twice), `netns` their namespace
+/// paths by pod UID (an `Err` says why a pod has none).
+pub fn derive(
+    snapshot: &Snapshot,
+    claimed: &BTreeMap<String, BTreeSet<MemberPod>>,
+    netns: &HashMap<String, Netns>,
+) -> Derived {
     let index = Index::new(snapshot);
     let mut out = Derived::default();
-    let claimed = member_pods(snapshot);
     let mut member_of: HashMap<String, String> = HashMap::new();
 
     for sandbox in index.live_sandboxes() {
@@ -192,7 +196,7 @@ pub fn derive(snapshot: &Snapshot, netns: &HashMap<String, Netns>) -> Derived {
         for service in services {
             out.state.services.insert(service.name.clone(), service);
         }
-        let members = members_of(&key, &claimed, netns, &mut member_of, &mut out);
+        let members = members_of(&key, claimed, netns, &mut member_of, &mut out);
         out.state.sandboxes.insert(
             key.clone(),
             StateSandbox {
@@ -228,7 +232,7 @@ pub fn derive(snapshot: &Snapshot, netns: &HashMap<String, Netns>) -> Derived {
             });
             continue;
         }
-        let members = members_of(&key, &claimed, netns, &mut member_of, &mut out);
+        let members = members_of(&key, claimed, netns, &mut member_of, &mut out);
         out.state.groups.insert(
             key.clone(),
             Group {
@@ -555,7 +559,7 @@ impl<'a> Index<'a> {
                 };
                 // No ready endpoint in this family: no route, so the baseline keeps serving
                 // (a fork that is down is not a reason to break its service).
-                if let Some(route) = route_to(endpoints, policy) {
+                if let Some(route) = Route::new(endpoints, policy) {
                     out.push((service, route));
                 }
             }
@@ -708,8 +712,6 @@ fn ready_endpoints(slices: &[&EndpointSlice], port_name: &str, v6: bool) -> Vec<
             );
         }
     }
-    out.sort();
-    out.dedup();
     out
 }
 
@@ -757,8 +759,6 @@ fn ready_pod_endpoints(pods: &[Arc<Pod>], port: &ServicePort, v6: bool) -> Vec<S
             }
         }
     }
-    out.sort();
-    out.dedup();
     out
 }
 
@@ -772,17 +772,6 @@ fn is_ready(pod: &Pod) -> bool {
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True")
         })
-}
-
-/// A route to the ready endpoints, or None when there is none.
-fn route_to(endpoints: Vec<SocketAddr>, on_fork_error: ForkErrorPolicy) -> Option<Route> {
-    if endpoints.is_empty() {
-        return None;
-    }
-    Some(Route {
-        forks: endpoints,
-        on_fork_error,
-    })
 }
 
 #[cfg(test)]
@@ -886,6 +875,10 @@ mod tests {
         }
     }
 
+    fn derive_claimed(snapshot: &Snapshot, netns: &HashMap<String, Netns>) -> Derived {
+        derive(snapshot, &member_pods(snapshot), netns)
+    }
+
     fn netns_for_all(snapshot: &Snapshot) -> HashMap<String, Netns> {
         snapshot
             .pods
@@ -902,7 +895,7 @@ mod tests {
     #[test]
     fn every_port_and_family_of_a_forked_service_is_routed_to_its_ready_endpoints() {
         let snapshot = world();
-        let derived = derive(&snapshot, &netns_for_all(&snapshot));
+        let derived = derive_claimed(&snapshot, &netns_for_all(&snapshot));
         assert_eq!(derived.issues, []);
         let state = &derived.state;
         let service = |name: &str| {
@@ -950,7 +943,7 @@ mod tests {
     #[test]
     fn members_are_the_selected_pods_and_the_forks_own_pods_of_this_node() {
         let snapshot = world();
-        let derived = derive(&snapshot, &netns_for_all(&snapshot));
+        let derived = derive_claimed(&snapshot, &netns_for_all(&snapshot));
         let members = &derived.state.sandboxes["pr-1"].members;
         assert_eq!(
             members,
@@ -966,7 +959,7 @@ mod tests {
         let snapshot = world();
         let mut netns = netns_for_all(&snapshot);
         netns.insert("uid-member".into(), Err("no process".into()));
-        let derived = derive(&snapshot, &netns);
+        let derived = derive_claimed(&snapshot, &netns);
         assert_eq!(derived.state.sandboxes["pr-1"].members.len(), 1);
         let report = &derived.members["pr-1"];
         assert!(
@@ -990,7 +983,7 @@ mod tests {
             "pr-333",
             json!({"forks": [{"service": {"name": "svc-a"}, "ports": ["nope"], "to": {"service": "svc-a-fork"}}]}),
         ));
-        let derived = derive(&snapshot, &HashMap::new());
+        let derived = derive_claimed(&snapshot, &HashMap::new());
         assert!(
             derived.state.sandboxes.contains_key("pr-1"),
             "others are not affected"
@@ -1023,7 +1016,7 @@ mod tests {
             "pr-1-again",
             json!({"routingKey": "pr-1", "forks": [{"service": {"name": "svc-a"}, "to": {"service": "svc-a-fork"}}]}),
         ));
-        let derived = derive(&snapshot, &HashMap::new());
+        let derived = derive_claimed(&snapshot, &HashMap::new());
         assert_eq!(derived.state.sandboxes.len(), 1);
         assert!(
             derived
@@ -1044,7 +1037,7 @@ mod tests {
             "pr-key",
             json!({"routingKey": "bad key", "forks": [{"service": {"name": "svc-a"}, "to": {"service": "svc-a-fork"}}]}),
         ));
-        let derived = derive(&snapshot, &HashMap::new());
+        let derived = derive_claimed(&snapshot, &HashMap::new());
         let text = format!("{:?}", derived.issues);
         assert!(
             derived.state.sandboxes["pr-sel"].routes.is_empty(),
@@ -1080,7 +1073,7 @@ mod tests {
                 fork_pod("f2", "10.0.2.2", "False"),
             ],
         );
-        let derived = derive(&snapshot, &HashMap::new());
+        let derived = derive_claimed(&snapshot, &HashMap::new());
         assert_eq!(derived.issues, []);
         let routes = &derived.state.sandboxes["pr-1"].routes;
         let forks = |name: &str| {
@@ -1111,7 +1104,7 @@ mod tests {
             "spec": {"routingKey": "both", "sandboxes": {"names": ["pr-1"]},
                      "members": [{"labelSelector": {"matchLabels": {"job": "else"}}}]},
         })));
-        let derived = derive(&snapshot, &netns_for_all(&snapshot));
+        let derived = derive_claimed(&snapshot, &netns_for_all(&snapshot));
         let group = &derived.state.groups["both"];
         assert_eq!(group.sandboxes, ["pr-1"]);
         assert_eq!(group.members, [PathBuf::from("/proc/other/ns/net")]);
@@ -1125,7 +1118,7 @@ mod tests {
             json!({"forks": [{"service": {"name": "svc-a-fork"}, "to": {"service": "svc-a-fork"}}],
                    "members": [{"labelSelector": {"matchLabels": {"job": "tests"}}}]}),
         ));
-        let derived = derive(&snapshot, &netns_for_all(&snapshot));
+        let derived = derive_claimed(&snapshot, &netns_for_all(&snapshot));
         assert!(derived.state.validate().is_ok());
         assert!(
             derived.issues.iter().any(|i| i.object == "Pod shop/member"),

@@ -436,7 +436,7 @@ async fn derive_loop(
                 continue;
             }
         };
-        let derived = derive::derive(&snapshot, &netns);
+        let derived = derive::derive(&snapshot, &wanted, &netns);
         let update = Arc::new(to_update(derived));
         {
             let mut h = lock(&health);
