@@ -5,7 +5,10 @@
 //! test fails when the committed files drift from them.
 use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{Condition, LabelSelector},
+        util::intstr::IntOrString,
+    },
 };
 use kube::{CustomResource, CustomResourceExt as _};
 use schemars::JsonSchema;
@@ -14,6 +17,9 @@ use serde::{Deserialize, Serialize};
 /// The routing key rule the daemon enforces, also checked by the API server (see
 /// `routing_key::valid_key`).
 const KEY_PATTERN: &str = "^[A-Za-z0-9._-]{1,63}$";
+
+/// A TTL: whole numbers with units, largest first (`90m`, `2h`, `1h30m`, `7d`).
+const TTL_PATTERN: &str = "^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$";
 
 /// A sandbox: a routing key, the services it forks and the pods that belong to it.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -28,13 +34,25 @@ const KEY_PATTERN: &str = "^[A-Za-z0-9._-]{1,63}$";
     printcolumn(
         name = "Key",
         type_ = "string",
-        json_path = ".spec.routingKey",
-        description = "routing key (the name when empty)"
+        json_path = ".status.routingKey",
+        description = "the routing key in use"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(name = "TTL", type_ = "string", json_path = ".spec.ttl"),
+    printcolumn(
+        name = "Expires",
+        type_ = "string",
+        json_path = ".status.expiresAt",
+        description = "when the TTL deletes the Sandbox"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -43,6 +61,10 @@ pub struct SandboxSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(KEY_PATTERN))]
     pub routing_key: Option<String>,
+    /// Delete the Sandbox (and its forks) this long after it was created: `90m`, `2h`, `1d`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(TTL_PATTERN))]
+    pub ttl: Option<String>,
     /// The services this sandbox forks.
     #[schemars(length(min = 1))]
     pub forks: Vec<Fork>,
@@ -52,21 +74,86 @@ pub struct SandboxSpec {
     pub members: Vec<MemberSelector>,
 }
 
-/// One forked service.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// One forked service: either a fork that runs already (`service` and `to`), or one the
+/// controller creates from a baseline workload (`forkOf`, with an optional `service`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [{"required": ["service", "to"]}, {"required": ["forkOf"]}]))]
 pub struct Fork {
-    /// The baseline Service whose traffic the fork takes for this sandbox.
-    pub service: ServiceRef,
+    /// The baseline Service whose traffic the fork takes for this sandbox. With `forkOf`: only
+    /// this one of the Services that select the baseline's pods is forked (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
     /// Ports of the Service to fork, by name or number; all of them when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<IntOrString>,
-    /// Where the fork runs.
-    pub to: ForkTarget,
+    /// Where the fork runs, when it runs already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<ForkTarget>,
+    /// The baseline workload the controller copies into a fork.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork_of: Option<WorkloadRef>,
+    /// Changes to the copy of the baseline's pod template (with `forkOf`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customizations: Option<Customizations>,
+    /// Replicas of the fork (with `forkOf`); 1 by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: Option<i32>,
     /// What the node router does with a request whose fork cannot be reached: answer an error
     /// (default) or send it to the baseline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_fork_error: Option<OnForkError>,
+}
+
+/// A baseline workload, in the Sandbox's namespace unless another is given.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    pub kind: WorkloadKind,
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum WorkloadKind {
+    Deployment,
+}
+
+/// What differs between the baseline's pods and the fork's.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Customizations {
+    /// Container images to replace, by container name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageOverride>,
+    /// Environment variables to set (added, or replacing one of that name), by container name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvOverride>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageOverride {
+    /// The container (or init container); the only one when the pod has one and this is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[schemars(length(min = 1))]
+    pub image: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvOverride {
+    /// The container (or init container); the only one when the pod has one and this is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
 }
 
 /// A Service, by name, in the Sandbox's namespace unless another is given.
@@ -107,12 +194,55 @@ pub struct MemberSelector {
     pub label_selector: LabelSelector,
 }
 
-/// What the node agents and the controller report back.
+/// What the controller reports back.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxStatus {
+    /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The routing key in use (the spec's, or the name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_key: Option<String>,
+    /// `Ready`: every fork has a ready endpoint. `Failed`: a fork cannot be made (the reason
+    /// says why: `BaselineNotFound`, `InvalidCustomization`, `ImagePullError`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The forks the controller made, one per `forkOf`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forks: Vec<ForkStatus>,
+    /// When the TTL deletes the Sandbox (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// One `forkOf` fork as the controller made it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkStatus {
+    /// The baseline workload, `Deployment/<name>`.
+    pub fork_of: String,
+    /// Where the baseline and the fork live.
+    pub namespace: String,
+    /// The fork Deployment.
+    pub deployment: String,
+    /// Each forked Service and the fork's Service that stands in for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ForkedService>,
+    /// Fork pods that are ready, and all of them.
+    #[serde(default)]
+    pub ready_endpoints: i32,
+    #[serde(default)]
+    pub total_endpoints: i32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkedService {
+    /// The baseline Service.
+    pub baseline: String,
+    /// The fork's Service (same ports and names, selecting the fork's pods).
+    pub fork: String,
 }
 
 /// A routing key standing for several sandboxes at once (test two PRs that fork different
@@ -125,7 +255,13 @@ pub struct SandboxStatus {
     namespaced,
     shortname = "rg",
     doc = "A routing key that reaches the forks of several sandboxes",
+    status = "RouteGroupStatus",
     printcolumn(name = "Key", type_ = "string", json_path = ".spec.routingKey"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -140,6 +276,20 @@ pub struct RouteGroupSpec {
     pub sandboxes: SandboxSet,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberSelector>,
+}
+
+/// What the controller reports back.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteGroupStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The Sandboxes the group stands for now, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sandboxes: Vec<String>,
+    /// `Ready`: every one of them is Ready (and there is at least one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 /// Sandboxes by name, or by a label selector; exactly one of the two.
@@ -162,6 +312,81 @@ impl Sandbox {
             .or(self.metadata.name.as_deref())
             .unwrap_or_default()
     }
+
+    /// The forks as the node agents route them: a fork given by `service` and `to` as it is,
+    /// and each Service of a `forkOf` fork that the controller has set up (from the status).
+    /// A `forkOf` fork the controller has not set up yet is an `Err` saying so.
+    pub fn routed_forks(&self) -> Vec<Result<RoutedFork, String>> {
+        let own_ns = self.metadata.namespace.clone().unwrap_or_default();
+        let mut out = Vec::new();
+        for fork in &self.spec.forks {
+            match (&fork.fork_of, &fork.service, &fork.to) {
+                (None, Some(service), Some(to)) => out.push(Ok(RoutedFork {
+                    service: service.name.clone(),
+                    service_namespace: service.namespace.clone().unwrap_or(own_ns.clone()),
+                    ports: fork.ports.clone(),
+                    to: to.clone(),
+                    to_namespace: own_ns.clone(),
+                    on_fork_error: fork.on_fork_error,
+                })),
+                (Some(of), _, None) => {
+                    let ns = of.namespace.clone().unwrap_or(own_ns.clone());
+                    let made = self.status.as_ref().and_then(|status| {
+                        status
+                            .forks
+                            .iter()
+                            .find(|f| f.namespace == ns && f.fork_of == of.display_name())
+                    });
+                    let Some(made) = made.filter(|made| !made.services.is_empty()) else {
+                        out.push(Err(format!(
+                            "fork of {}/{}: waiting for the controller to create it",
+                            ns,
+                            of.display_name()
+                        )));
+                        continue;
+                    };
+                    for forked in &made.services {
+                        out.push(Ok(RoutedFork {
+                            service: forked.baseline.clone(),
+                            service_namespace: ns.clone(),
+                            ports: fork.ports.clone(),
+                            to: ForkTarget {
+                                service: Some(forked.fork.clone()),
+                                selector: None,
+                            },
+                            to_namespace: ns.clone(),
+                            on_fork_error: fork.on_fork_error,
+                        }));
+                    }
+                }
+                _ => out.push(Err(
+                    "a fork needs either `service` and `to`, or `forkOf` (without `to`)".to_owned(),
+                )),
+            }
+        }
+        out
+    }
+}
+
+impl WorkloadRef {
+    /// `Deployment/<name>`, as the status names it.
+    pub fn display_name(&self) -> String {
+        match self.kind {
+            WorkloadKind::Deployment => format!("Deployment/{}", self.name),
+        }
+    }
+}
+
+/// One baseline Service and the fork that takes its sandbox's traffic, as a node agent routes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutedFork {
+    pub service: String,
+    pub service_namespace: String,
+    pub ports: Vec<IntOrString>,
+    pub to: ForkTarget,
+    /// Where `to` is looked up.
+    pub to_namespace: String,
+    pub on_fork_error: Option<OnForkError>,
 }
 
 /// Every CRD redirector defines.
@@ -202,6 +427,7 @@ mod tests {
             "pr-1",
             SandboxSpec {
                 routing_key: None,
+                ttl: None,
                 forks: Vec::new(),
                 members: Vec::new(),
             },
@@ -237,8 +463,14 @@ spec:
             [IntOrString::String("http".into()), IntOrString::Int(9090)]
         );
         assert_eq!(forks[0].on_fork_error, Some(OnForkError::Baseline));
-        assert_eq!(forks[1].service.namespace.as_deref(), Some("data"));
-        assert!(forks[1].to.selector.is_some());
+        assert_eq!(
+            forks[1]
+                .service
+                .as_ref()
+                .and_then(|s| s.namespace.as_deref()),
+            Some("data")
+        );
+        assert!(forks[1].to.as_ref().is_some_and(|t| t.selector.is_some()));
         assert_eq!(sandbox.spec.members.len(), 1);
     }
 }

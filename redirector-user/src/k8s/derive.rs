@@ -28,7 +28,7 @@ use kube::{
 
 use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString};
 
-use super::crd::{MemberSelector, OnForkError, RouteGroup, Sandbox};
+use super::crd::{MemberSelector, OnForkError, RouteGroup, RoutedFork, Sandbox};
 use crate::{
     routing_key,
     state::{
@@ -65,13 +65,12 @@ pub struct SelectorKey {
 pub fn fork_selectors(snapshot: &Snapshot) -> BTreeSet<SelectorKey> {
     let mut out = BTreeSet::new();
     for sandbox in &snapshot.sandboxes {
-        let namespace = sandbox.namespace().unwrap_or_default();
-        for fork in &sandbox.spec.forks {
+        for fork in sandbox.routed_forks().into_iter().flatten() {
             if let Some(key) = fork
                 .to
                 .selector
                 .as_ref()
-                .and_then(|s| selector_key(&namespace, s))
+                .and_then(|s| selector_key(&fork.to_namespace, s))
             {
                 out.insert(key);
             }
@@ -173,8 +172,8 @@ pub fn derive(
         let mut routes = BTreeMap::new();
         let mut services = Vec::new();
         let mut problems = Vec::new();
-        for fork in &sandbox.spec.forks {
-            match index.fork_routes(sandbox, fork) {
+        for fork in sandbox.routed_forks() {
+            match fork.and_then(|fork| index.fork_routes(&fork)) {
                 Ok(found) => {
                     for (service, route) in found {
                         routes.insert(service.name.clone(), route);
@@ -404,11 +403,11 @@ impl<'a> Index<'a> {
 
     /// The fork's own pods on this node: the targets of its Service's endpoints.
     fn fork_pods(&self, sandbox: &Sandbox) -> Vec<MemberPod> {
-        let ns = sandbox.namespace().unwrap_or_default();
         let mut out = Vec::new();
-        for fork in &sandbox.spec.forks {
+        for fork in sandbox.routed_forks().into_iter().flatten() {
+            let ns = &fork.to_namespace;
             if let Some(selector) = &fork.to.selector {
-                for pod in self.selected_by(&ns, selector) {
+                for pod in self.selected_by(ns, selector) {
                     let key = (pod.namespace().unwrap_or_default(), pod.name_any());
                     if let Some(local) = self.pods.get(&key) {
                         out.extend(member_pod(local));
@@ -419,7 +418,7 @@ impl<'a> Index<'a> {
             let Some(fork_service) = &fork.to.service else {
                 continue;
             };
-            for slice in self.slices_of(&ns, fork_service) {
+            for slice in self.slices_of(ns, fork_service) {
                 for endpoint in slice.endpoints.iter().flatten() {
                     let Some(target) = &endpoint.target_ref else {
                         continue;
@@ -452,36 +451,28 @@ impl<'a> Index<'a> {
     }
 
     /// The kernel services and routes one fork gives.
-    fn fork_routes(
-        &self,
-        sandbox: &Sandbox,
-        fork: &super::crd::Fork,
-    ) -> Result<Vec<(Service, Route)>, String> {
-        let own_ns = sandbox.namespace().unwrap_or_default();
-        let ns = fork
-            .service
-            .namespace
-            .clone()
-            .unwrap_or_else(|| own_ns.clone());
+    fn fork_routes(&self, fork: &RoutedFork) -> Result<Vec<(Service, Route)>, String> {
+        let ns = fork.service_namespace.clone();
+        let own_ns = &fork.to_namespace;
         let baseline = self
             .services
-            .get(&(ns.clone(), fork.service.name.clone()))
-            .ok_or_else(|| format!("Service {ns}/{} not found", fork.service.name))?;
+            .get(&(ns.clone(), fork.service.clone()))
+            .ok_or_else(|| format!("Service {ns}/{} not found", fork.service))?;
         let target = match (&fork.to.service, &fork.to.selector) {
-            (Some(service), None) => Target::Slices(self.slices_of(&own_ns, service)),
+            (Some(service), None) => Target::Slices(self.slices_of(own_ns, service)),
             (None, Some(selector)) => {
                 if Selector::try_from(selector.clone()).is_err() {
                     return Err(format!(
                         "fork of {ns}/{}: invalid `to.selector`",
-                        fork.service.name
+                        fork.service
                     ));
                 }
-                Target::Pods(self.selected_by(&own_ns, selector))
+                Target::Pods(self.selected_by(own_ns, selector))
             }
             _ => {
                 return Err(format!(
                     "fork of {ns}/{}: give exactly one of `to.service` and `to.selector`",
-                    fork.service.name
+                    fork.service
                 ));
             }
         };
@@ -504,7 +495,7 @@ impl<'a> Index<'a> {
                     None => {
                         return Err(format!(
                             "Service {ns}/{} has no port {}",
-                            fork.service.name,
+                            fork.service,
                             match wanted {
                                 IntOrString::Int(n) => n.to_string(),
                                 IntOrString::String(name) => format!("{name:?}"),
@@ -519,7 +510,7 @@ impl<'a> Index<'a> {
         if cluster_ips.is_empty() {
             return Err(format!(
                 "Service {ns}/{} has no cluster IP (headless Services are not forked yet)",
-                fork.service.name
+                fork.service
             ));
         }
         let policy = match fork.on_fork_error {
@@ -546,7 +537,7 @@ impl<'a> Index<'a> {
                 };
                 let name = format!(
                     "k8s:{ns}/{}:{port_label}{}",
-                    fork.service.name,
+                    fork.service,
                     if v6 { "/v6" } else { "" }
                 );
                 let Some(number) = u16::try_from(port.port).ok().filter(|n| *n != 0) else {
