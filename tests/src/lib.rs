@@ -10,6 +10,7 @@ mod bridge;
 mod cleanup;
 mod http;
 pub mod k8s;
+pub mod kubelet;
 mod prereq;
 mod proc;
 mod simnode;

@@ -5,6 +5,7 @@
 //!
 //! Output goes through [`out`]: `print!` panics when stdout is a closed pipe.
 #![deny(clippy::print_stdout)]
+mod cluster;
 mod control;
 pub mod out;
 mod render;
@@ -68,7 +69,8 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Create or replace services, sandboxes and groups from a file, all or nothing.
     Apply(control::ApplyArgs),
-    /// Sandboxes: create, delete, list.
+    /// Sandboxes on this node's daemon, over its API socket: create, delete, list (for the
+    /// cluster's Sandbox objects, see `redirector cluster sandbox`).
     #[command(subcommand)]
     Sandbox(control::SandboxCommand),
     /// Routes of a sandbox: add, remove, list.
@@ -89,6 +91,12 @@ pub enum Command {
     MountBpffs(MountBpffsArgs),
     /// Print the CustomResourceDefinitions (Sandbox, RouteGroup) as YAML, for `kubectl apply -f -`.
     Crds,
+    /// Run the cluster's sandbox controller: forks from `forkOf`, status, TTL, clean-up.
+    Controller(ControllerArgs),
+    /// Act on the cluster through its Kubernetes API server, not on this node's daemon
+    /// (kubeconfig as kubectl: --kubeconfig, else KUBECONFIG, else ~/.kube/config, else
+    /// in-cluster; --context).
+    Cluster(cluster::ClusterArgs),
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +150,38 @@ pub struct RunArgs {
     /// Mount a bpffs where the pins go when none is mounted there (on with --kubernetes).
     #[arg(long)]
     pub mount_bpffs: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Run it as a Deployment (deploy/controller.yaml): replicas elect a leader on \
+                  the Lease, and only the leader writes. A replica that loses the lease exits."
+)]
+pub struct ControllerArgs {
+    /// kubeconfig (default: in-cluster, else KUBECONFIG or ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the leader-election Lease.
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "POD_NAMESPACE",
+        default_value = "redirector-system"
+    )]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, value_name = "NAME", default_value = "redirector-controller")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: host name and process id).
+    #[arg(long, value_name = "ID", env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// How long the Lease holds without renewal: a stand-by takes over this long after the
+    /// leader dies (at once when it stops cleanly). Whole seconds, at least 2.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// Serve /healthz and /readyz here.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -244,8 +284,23 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cluster(args) => cluster::run(args).await,
         Command::Crds => {
             out::print(crate::k8s::crd::manifest()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Controller(args) => {
+            crate::controller::run(crate::controller::ControllerOptions {
+                kubeconfig: args.kubeconfig,
+                lease_namespace: args.lease_namespace,
+                lease_name: args.lease_name,
+                identity: args
+                    .identity
+                    .unwrap_or_else(crate::controller::default_identity),
+                lease_duration: args.lease_duration,
+                health_listen: args.health_listen,
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
     }

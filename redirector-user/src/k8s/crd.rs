@@ -3,6 +3,9 @@
 //!
 //! The CRD manifests under `deploy/` are generated from these types (`redirector crds`), and a
 //! test fails when the committed files drift from them.
+// Each `printcolumn(...)` of kube's derive says its own `type_`; clippy takes the repeats for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::{
@@ -368,6 +371,47 @@ impl Sandbox {
     }
 }
 
+/// A TTL in the `ttl` field's format (`90m`, `2h`, `1h30m`, `7d`) as a duration.
+pub fn parse_ttl(ttl: &str) -> Result<std::time::Duration, String> {
+    let mut seconds: u64 = 0;
+    let mut number = String::new();
+    let mut last_unit = u8::MAX;
+    for c in ttl.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let (rank, unit) = match c {
+            'd' => (0, 86_400),
+            'h' => (1, 3_600),
+            'm' => (2, 60),
+            's' => (3, 1),
+            _ => return Err(format!("{ttl:?}: unknown unit {c:?} (use d, h, m, s)")),
+        };
+        if number.is_empty() || (last_unit != u8::MAX && rank <= last_unit) {
+            return Err(format!(
+                "{ttl:?}: write whole numbers with units, largest first (90m, 2h, 1h30m, 7d)"
+            ));
+        }
+        last_unit = rank;
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{ttl:?}: number too large"))?;
+        seconds = n
+            .checked_mul(unit)
+            .and_then(|s| s.checked_add(seconds))
+            .ok_or_else(|| format!("{ttl:?}: too long"))?;
+        number.clear();
+    }
+    if !number.is_empty() {
+        return Err(format!("{ttl:?}: {number} has no unit (use d, h, m, s)"));
+    }
+    if seconds == 0 {
+        return Err(format!("{ttl:?}: must be longer than zero"));
+    }
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
 impl WorkloadRef {
     /// `Deployment/<name>`, as the status names it.
     pub fn display_name(&self) -> String {
@@ -419,6 +463,29 @@ mod tests {
             "deploy/crds.yaml drifted from the Rust types: run \
              `cargo run -p redirector-user -- crds > deploy/crds.yaml`"
         );
+    }
+
+    #[test]
+    fn ttls_parse_as_the_schema_reads_them() {
+        let secs = |s: &str| parse_ttl(s).map(|d| d.as_secs());
+        assert_eq!(secs("90m"), Ok(5_400));
+        assert_eq!(secs("2h"), Ok(7_200));
+        assert_eq!(secs("1h30m"), Ok(5_400));
+        assert_eq!(secs("7d"), Ok(604_800));
+        assert_eq!(secs("1d2h3m4s"), Ok(93_784));
+        for bad in [
+            "",
+            "0m",
+            "2",
+            "h",
+            "30m1h",
+            "2h2h",
+            "1w",
+            "-1h",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?} should be refused");
+        }
     }
 
     #[test]

@@ -131,18 +131,23 @@ impl Drop for Source {
 }
 
 pub async fn client(settings: &Settings) -> Result<Client, SourceError> {
-    let config = match &settings.kubeconfig {
+    kube_client(settings.kubeconfig.as_deref()).await
+}
+
+/// A client from `kubeconfig`, or in-cluster (else `KUBECONFIG`, else `~/.kube/config`).
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client, SourceError> {
+    let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
                 SourceError::Kubeconfig {
-                    path: path.clone(),
+                    path: path.to_owned(),
                     source,
                 }
             })?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                 .await
                 .map_err(|source| SourceError::Kubeconfig {
-                    path: path.clone(),
+                    path: path.to_owned(),
                     source,
                 })?
         }
