@@ -198,8 +198,12 @@ impl World {
 
     /// Starts a controller replica named `identity` (on the host: it only talks to the API).
     fn start_controller(&mut self, identity: &str) -> usize {
+        self.start_controller_with(identity, &[])
+    }
+
+    fn start_controller_with(&mut self, identity: &str, extra: &[&str]) -> usize {
         let kubeconfig = self.cluster.kubeconfig_path().to_owned();
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "controller".into(),
             "--kubeconfig".into(),
             kubeconfig.into(),
@@ -210,6 +214,7 @@ impl World {
             "--lease-duration".into(),
             "3s".into(),
         ];
+        args.extend(extra.iter().map(OsString::from));
         let daemon = Daemon::spawn(identity, &support::redirector(), &args).expect("controller");
         self.controllers.push(daemon);
         self.controllers.len() - 1
@@ -376,6 +381,31 @@ fn fork_of_svc_a(image: &str) -> Value {
         }],
         "members": [{"labelSelector": {"matchLabels": {"job": "pr-1-tests"}}}],
     })
+}
+
+/// `GET path` on a controller's probe port on loopback: status code and body.
+fn probe(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("probe connect");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    format!("{code} {body}")
 }
 
 /// Polls `check` until it holds or `timeout` passes.
@@ -794,14 +824,18 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     let Some(mut w) = World::new("ctl-lease").await else {
         return;
     };
-    let first = w.start_controller("controller-1");
+    let first = w.start_controller_with("controller-1", &["--health-listen", "127.0.0.1:19091"]);
     w.controllers[first]
         .wait_for_log("leading", WAIT)
         .expect("the first replica leads");
-    let second = w.start_controller("controller-2");
+    let second = w.start_controller_with("controller-2", &["--health-listen", "127.0.0.1:19092"]);
     w.controllers[second]
         .wait_for_log("standing by", WAIT)
         .expect("the second stands by");
+    // Both are ready (a stand-by is what takes over) and say which they are.
+    assert_eq!(probe(19091, "/readyz"), "200 leading");
+    assert_eq!(probe(19092, "/readyz"), "200 standing by");
+    assert_eq!(probe(19092, "/healthz"), "200 ok");
     let leases: Api<Lease> = Api::namespaced(w.client.clone(), NS);
     let holder = leases
         .get("redirector-controller")

@@ -174,10 +174,19 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action, ReconcileErro
     if status != old {
         let api: Api<Sandbox> =
             Api::namespaced(ctx.client.clone(), &sandbox.namespace().unwrap_or_default());
+        // Every field named, absent ones as null: a merge patch would keep a stale `expiresAt`
+        // or `forks` that this round no longer has.
+        let patch = json!({ "status": {
+            "observedGeneration": status.observed_generation,
+            "routingKey": status.routing_key,
+            "conditions": status.conditions,
+            "forks": status.forks,
+            "expiresAt": status.expires_at,
+        }});
         api.patch_status(
             &sandbox.name_any(),
             &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
+            &Patch::Merge(patch),
         )
         .await?;
         let ready = status::is_true(&status.conditions, status::READY);

@@ -466,6 +466,79 @@ mod tests {
     }
 
     #[test]
+    fn fork_of_forks_are_routed_once_the_controller_has_made_them() {
+        let mut sandbox: Sandbox = serde_yaml_ng::from_str(
+            r#"
+apiVersion: redirector.dev/v1alpha1
+kind: Sandbox
+metadata: {name: pr-1, namespace: shop}
+spec:
+  forks:
+  - forkOf: {kind: Deployment, name: svc-a}
+    ports: [http]
+  - service: {name: db}
+    to: {service: db-pr-1}
+"#,
+        )
+        .expect("parses");
+        let routed = sandbox.routed_forks();
+        assert_eq!(routed.len(), 2);
+        let waiting = routed[0].clone().unwrap_err();
+        assert!(waiting.contains("waiting for the controller"), "{waiting}");
+        assert_eq!(
+            routed[1].as_ref().expect("ok").to.service.as_deref(),
+            Some("db-pr-1")
+        );
+
+        sandbox.status = Some(SandboxStatus {
+            forks: vec![ForkStatus {
+                fork_of: "Deployment/svc-a".into(),
+                namespace: "shop".into(),
+                deployment: "svc-a-pr-1".into(),
+                services: vec![
+                    ForkedService {
+                        baseline: "svc-a".into(),
+                        fork: "svc-a-pr-1".into(),
+                    },
+                    ForkedService {
+                        baseline: "svc-a-admin".into(),
+                        fork: "svc-a-admin-pr-1".into(),
+                    },
+                ],
+                ready_endpoints: 1,
+                total_endpoints: 1,
+            }],
+            ..SandboxStatus::default()
+        });
+        let routed: Vec<RoutedFork> = sandbox
+            .routed_forks()
+            .into_iter()
+            .map(|r| r.expect("routed"))
+            .collect();
+        assert_eq!(
+            routed.len(),
+            3,
+            "one per forked Service, then the running fork"
+        );
+        assert_eq!(routed[0].service, "svc-a");
+        assert_eq!(routed[0].to.service.as_deref(), Some("svc-a-pr-1"));
+        assert_eq!(routed[0].to_namespace, "shop");
+        assert_eq!(routed[0].ports, [IntOrString::String("http".into())]);
+        assert_eq!(routed[1].service, "svc-a-admin");
+
+        // A fork in another namespace is looked for there.
+        sandbox.spec.forks[0]
+            .fork_of
+            .as_mut()
+            .expect("forkOf")
+            .namespace = Some("data".into());
+        assert!(
+            sandbox.routed_forks()[0].is_err(),
+            "the status names shop, not data"
+        );
+    }
+
+    #[test]
     fn ttls_parse_as_the_schema_reads_them() {
         let secs = |s: &str| parse_ttl(s).map(|d| d.as_secs());
         assert_eq!(secs("90m"), Ok(5_400));
