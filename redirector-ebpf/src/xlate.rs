@@ -6,6 +6,7 @@
 //! IPv6 sockets dialing a v4-mapped address go through the IPv4 tables, so an IPv4 service
 //! behaves the same whichever socket family reaches it.
 use aya_ebpf::{
+    Global,
     cty::c_void,
     helpers::{bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_release},
     programs::SockAddrContext,
@@ -23,6 +24,12 @@ use crate::{
         count_route,
     },
 };
+
+/// Set by the loader (`redirector run --count-fast-path`): count the connections that take the
+/// fast path. Off by default, so untouched traffic pays its one lookup and nothing more; being
+/// read-only data, the verifier drops the counting branch entirely when it is 0.
+#[unsafe(no_mangle)]
+static COUNT_FAST_PATH: Global<u8> = Global::new(0);
 
 /// Third word of a v4-mapped IPv6 address (`::ffff:a.b.c.d`) as it sits in memory.
 const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
@@ -91,7 +98,9 @@ fn steer(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
     };
     // The fast path: almost every connection ends here after this one lookup.
     let Some(service) = SERVICES.get_ptr(&key) else {
-        count(stats::FAST_PATH);
+        if COUNT_FAST_PATH.load() != 0 {
+            count(stats::FAST_PATH);
+        }
         return None;
     };
     // SAFETY: pointer from a successful lookup; values are plain data and entries are replaced,

@@ -372,6 +372,45 @@ fn status_stats_and_metrics_follow_real_traffic() {
     assert!(counted, "{reloaded}");
 }
 
+/// Untouched traffic pays one lookup: the fast path is counted only on request, and turning
+/// the count on at a restart replaces the programs while steering goes on.
+#[test]
+fn the_fast_path_is_counted_only_when_asked() {
+    let Some(mut c) = Cluster::new("api-fastpath") else {
+        return;
+    };
+    c.start(&[]);
+    for _ in 0..3 {
+        assert_eq!(c.tcp(&c.outsider, OTHER4), BASELINE);
+    }
+    let fast_path = |c: &Cluster| support::stats(c).kernel.get("fast_path");
+    assert_eq!(fast_path(&c), Some(0), "not counted by default");
+    let quiet = support::status(&c).programs_identity;
+    assert!(!quiet.ends_with("-fpc"), "{quiet}");
+
+    c.daemon().terminate().expect("stop");
+    c.start(&["--count-fast-path"]);
+    let counting = support::status(&c).programs_identity;
+    assert_eq!(
+        counting,
+        format!("{quiet}-fpc"),
+        "other programs, told apart"
+    );
+    assert_eq!(c.tcp(&c.member, VIP4), FORK, "steering went on");
+    for _ in 0..3 {
+        assert_eq!(c.tcp(&c.outsider, OTHER4), BASELINE);
+    }
+    assert!(fast_path(&c).unwrap_or(0) >= 3, "{:?}", support::stats(&c));
+    // Only the counting programs are attached: the quiet ones were retired.
+    assert_eq!(support::status(&c).programs.len(), 9);
+    let mut tags = Vec::new();
+    let retired = eventually(Duration::from_secs(5), || {
+        tags = support::attached_tags(c.node.cgroup());
+        tags.len() == 9
+    });
+    assert!(retired, "{tags:?}");
+}
+
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
     let Some(mut c) = Cluster::new("api-pipe") else {

@@ -150,6 +150,11 @@ pub struct RunArgs {
     /// Mount a bpffs where the pins go when none is mounted there (on with --kubernetes).
     #[arg(long)]
     pub mount_bpffs: bool,
+    /// Count connections that take the fast path (the `fast_path` kernel counter). Off by
+    /// default: it costs a per-CPU map update on every connection nothing forks. Changing it
+    /// replaces the kernel programs at start, without a gap.
+    #[arg(long)]
+    pub count_fast_path: bool,
 }
 
 #[derive(Debug, Args)]
@@ -259,6 +264,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 kubeconfig: args.kubeconfig,
                 node_name: args.node_name,
                 mount_bpffs: args.mount_bpffs,
+                count_fast_path: args.count_fast_path,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

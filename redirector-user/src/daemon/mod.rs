@@ -65,6 +65,8 @@ pub struct RunOptions {
     pub node_name: Option<String>,
     /// Mount a bpffs where the pins go if none is there (always on with Kubernetes).
     pub mount_bpffs: bool,
+    /// Count fast-path connections in the kernel (see `programs::LoadOptions`).
+    pub count_fast_path: bool,
 }
 
 impl RunOptions {
@@ -226,7 +228,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let metrics_task = metrics_listener
         .map(|listener| tokio::spawn(metrics::serve(listener, metrics.clone(), calls_tx.clone())));
 
-    let (mut kernel, report) = programs::start(&placement.cgroup, &placement.bpffs)
+    let load = programs::LoadOptions {
+        count_fast_path: opts.count_fast_path,
+    };
+    let (mut kernel, report) = programs::start(&placement.cgroup, &placement.bpffs, load)
         .context("starting the kernel programs")?;
     info!(
         cgroup = %placement.cgroup.display(),

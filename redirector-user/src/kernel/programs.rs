@@ -105,12 +105,23 @@ pub enum LoadError {
     },
 }
 
+/// How the programs are loaded: settings baked into them as read-only data, so that the
+/// verifier removes what they turn off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Count fast-path connections (`fast_path` in the kernel counters): one per-CPU map
+    /// update on every connection to a destination nothing forks. Off by default.
+    pub count_fast_path: bool,
+}
+
 /// Identity of the kernel programs this daemon carries: the map layout version and the first
-/// 64 bits of the eBPF object's SHA-256, e.g. `v2-0123456789abcdef`.
-pub fn identity() -> String {
+/// 64 bits of the eBPF object's SHA-256, e.g. `v2-0123456789abcdef`, with `-fpc` when the
+/// fast path is counted (other programs, so a restart that changes it replaces them).
+pub fn identity(options: LoadOptions) -> String {
     let digest = Sha256::digest(EBPF_OBJECT);
     let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{MAP_VERSION}-{hash}")
+    let counted = if options.count_fast_path { "-fpc" } else { "" };
+    format!("{MAP_VERSION}-{hash}{counted}")
 }
 
 /// What starting the kernel side did.
@@ -145,13 +156,19 @@ pub struct Kernel {
 /// attached to `cgroup` exactly once.
 ///
 /// Needs Linux 5.7+ (`bpf_link` for cgroup hooks, `bpf_get_netns_cookie`).
-pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<(Kernel, AttachReport), LoadError> {
+pub fn start(
+    cgroup: &Path,
+    pin_dir: &Path,
+    options: LoadOptions,
+) -> Result<(Kernel, AttachReport), LoadError> {
     fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir {
         path: pin_dir.to_owned(),
         source,
     })?;
+    let count_fast_path = u8::from(options.count_fast_path);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
+        .override_global("COUNT_FAST_PATH", &count_fast_path, true)
         .load(EBPF_OBJECT)?;
     let maps = take_maps(&mut ebpf)?;
     let orig_dst = take(&mut ebpf, map_names::ORIG_DST)?;
@@ -171,7 +188,7 @@ pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<(Kernel, AttachReport), Lo
         .ino();
     let links = pin_dir.join(LINKS_DIR);
     let our_cgroup = links.join(format!("cg{inode}"));
-    let identity = identity();
+    let identity = identity(options);
     let our_links = our_cgroup.join(&identity);
     fs::create_dir_all(&our_links).map_err(|source| LoadError::PinDir {
         path: our_links.clone(),
@@ -368,6 +385,10 @@ mod tests {
             assert!(contains(name), "{name} is not in the eBPF object");
         }
         assert!(!contains("RDR_ROUTES_v1"), "a map of the previous layout");
-        assert!(identity().starts_with(&format!("{MAP_VERSION}-")));
+        assert!(identity(LoadOptions::default()).starts_with(&format!("{MAP_VERSION}-")));
+        let counted = identity(LoadOptions {
+            count_fast_path: true,
+        });
+        assert_ne!(counted, identity(LoadOptions::default()));
     }
 }
