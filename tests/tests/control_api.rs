@@ -406,7 +406,7 @@ fn the_fast_path_is_counted_only_when_asked() {
     let mut tags = Vec::new();
     let retired = eventually(Duration::from_secs(5), || {
         tags = support::attached_tags(c.node.cgroup());
-        tags.len() == 9
+        tags.len() == 8
     });
     assert!(retired, "{tags:?}");
 }

@@ -4,9 +4,11 @@ mod support;
 
 use std::time::Duration;
 
+use redirector_user::api::answers::HookState;
 use support::{BASELINE, Cluster, FORK, VIP4, VIP6, attached_programs, run_redirector};
 
-const HOOKS: usize = 9;
+/// The standard config has no node router: every hook but sock_ops.
+const HOOKS: usize = 8;
 
 #[test]
 fn kill_9_keeps_steering_and_a_restart_adopts_without_duplicates() {
@@ -96,4 +98,44 @@ fn restart_with_a_changed_config_applies_it_without_reattaching() {
             == BASELINE),
         "the route removed while the daemon was down is gone after restart"
     );
+}
+
+/// sock_ops runs only while a node router is configured: a restart that adds the router
+/// attaches it, one that removes the router detaches it; the other hooks are adopted throughout.
+#[test]
+fn the_handoff_program_is_attached_only_with_a_router() {
+    let Some(mut c) = Cluster::new("restart-sockops") else {
+        return;
+    };
+    let sockops = |c: &Cluster| {
+        support::attached_tags(c.node.cgroup())
+            .iter()
+            .filter(|(name, _)| name == "handoff_sockops")
+            .count()
+    };
+    c.start(&[]);
+    assert_eq!(sockops(&c), 0, "no router, no sock_ops");
+    let state = |c: &Cluster| {
+        support::status(c)
+            .programs
+            .iter()
+            .find(|p| p.hook == "handoff_sockops")
+            .map(|p| p.state)
+    };
+    assert_eq!(state(&c), Some(HookState::NotNeeded));
+
+    c.daemon().terminate().expect("stop");
+    c.start(&["--router-listen", "10.200.0.1:15001"]);
+    assert_eq!(sockops(&c), 1, "attached with the router");
+    assert_eq!(state(&c), Some(HookState::Attached));
+    assert_eq!(attached_programs(c.node.cgroup()).len(), HOOKS + 1);
+    assert_eq!(c.tcp(&c.member, VIP4), FORK);
+
+    c.daemon().terminate().expect("stop");
+    let daemon = c.start(&[]);
+    assert!(daemon.logs().contains("attached=[]"), "{}", daemon.logs());
+    assert_eq!(sockops(&c), 0, "detached without it");
+    assert_eq!(attached_programs(c.node.cgroup()).len(), HOOKS);
+    assert_eq!(c.tcp(&c.member, VIP4), FORK);
+    assert_eq!(c.tcp(&c.outsider, VIP4), BASELINE);
 }

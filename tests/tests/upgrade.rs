@@ -10,7 +10,8 @@ use std::{
 use redirector_tests::workspace_bin;
 use support::{BASELINE, Cluster, FORK, READY, VIP4, addr, attached_tags};
 
-const HOOKS: usize = 9;
+/// The standard config has no node router: every hook but sock_ops.
+const HOOKS: usize = 8;
 
 /// `redirector` built with the `ebpf-upgrade-probe` feature (its connect4 differs by one
 /// instruction); `cargo xtask test` builds it.

@@ -55,6 +55,8 @@ pub enum HookState {
     Adopted,
     Attached,
     Missing,
+    /// Not attached because nothing needs it (sock_ops without a node router).
+    NotNeeded,
 }
 
 /// One kernel map: entries written against its capacity.

@@ -187,6 +187,8 @@ struct Daemon {
     kube: Option<KubeSide>,
     sync: Sync,
     report: AttachReport,
+    /// How the programs were loaded (which hooks this daemon needs).
+    load: programs::LoadOptions,
     router: Option<Router>,
     metrics: Arc<Metrics>,
 }
@@ -230,6 +232,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let load = programs::LoadOptions {
         count_fast_path: opts.count_fast_path,
+        handoff: !file.router.listen.is_empty(),
     };
     let (mut kernel, report) = programs::start(&placement.cgroup, &placement.bpffs, load)
         .context("starting the kernel programs")?;
@@ -310,6 +313,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         kube,
         sync,
         report,
+        load,
         router,
         metrics,
     };

@@ -18,7 +18,7 @@ use crate::{
     kernel::{
         maps::{KernelState, service_key},
         netns,
-        programs::HOOKS,
+        programs::{self, HOOKS},
     },
     state::DesiredState,
 };
@@ -151,6 +151,8 @@ fn status(daemon: &Daemon) -> StatusAnswer {
                 HookState::Adopted
             } else if daemon.report.attached.contains(hook) {
                 HookState::Attached
+            } else if !programs::hooks(daemon.load).any(|needed| needed == *hook) {
+                HookState::NotNeeded
             } else {
                 HookState::Missing
             },

@@ -112,6 +112,18 @@ pub struct LoadOptions {
     /// Count fast-path connections (`fast_path` in the kernel counters): one per-CPU map
     /// update on every connection to a destination nothing forks. Off by default.
     pub count_fast_path: bool,
+    /// A node router is configured: attach the sock_ops program that completes hand-off
+    /// records. Without a router nothing is handed off, and sock_ops would only run for
+    /// nothing on every TCP connection of the cgroup, so it is not attached (and detached if
+    /// an earlier daemon with a router left it).
+    pub handoff: bool,
+}
+
+/// The hooks these options attach: all of them, but sock_ops only with a router.
+pub fn hooks(options: LoadOptions) -> impl Iterator<Item = &'static str> {
+    HOOKS
+        .into_iter()
+        .filter(move |hook| options.handoff || *hook != SOCK_OPS)
 }
 
 /// Identity of the kernel programs this daemon carries: the map layout version and the first
@@ -201,6 +213,14 @@ pub fn start(
     };
     for name in HOOKS {
         let pin = our_links.join(name);
+        if !hooks(options).any(|hook| hook == name) {
+            if pin.exists() {
+                // Unpinning the last reference detaches it.
+                remove_pins(&pin);
+                report.detached.push(pin);
+            }
+            continue;
+        }
         if pin.exists() {
             PinnedLink::from_pin(&pin).map_err(|source| LoadError::BadPin {
                 path: pin.clone(),
@@ -388,6 +408,7 @@ mod tests {
         assert!(identity(LoadOptions::default()).starts_with(&format!("{MAP_VERSION}-")));
         let counted = identity(LoadOptions {
             count_fast_path: true,
+            ..LoadOptions::default()
         });
         assert_ne!(counted, identity(LoadOptions::default()));
     }
