@@ -26,8 +26,9 @@ pub mod map_names {
     pub const ORIG_DST: &str = "RDR_ORIGDST_v2";
     pub const ROUTER_SOCKETS: &str = "RDR_RSOCKS_v2";
     pub const ROUTE_STATS: &str = "RDR_RSTATS_v2";
+    pub const SOCK_STATE: &str = "RDR_SKSTATE_v2";
 
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         MEMBERS,
         ROUTES,
@@ -39,6 +40,7 @@ pub mod map_names {
         ORIG_DST,
         ROUTER_SOCKETS,
         ROUTE_STATS,
+        SOCK_STATE,
     ];
 
     // A name without the version suffix would let a daemon of another layout open the map; one
@@ -218,6 +220,25 @@ pub struct RevNatKey {
     pub fork: SockAddr,
     pub _pad: u32,
 }
+
+/// Value of `RDR_SKSTATE` (socket-local storage): what the forward hooks did to this socket,
+/// so that the reverse hooks answer from the socket itself, and return at once for every
+/// socket they never touched (every server's accepted socket, most clients). It lives and dies
+/// with the socket: nothing to evict, nothing to clean up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockState {
+    /// Where `connect()` was sent instead of `dialed` (family 0: not connected by us).
+    pub fork: SockAddr,
+    /// The service address the application dialed.
+    pub dialed: SockAddr,
+    /// [`SOCK_STATE_REVNAT`]: unconnected sends were steered too; their reverse entries are
+    /// in `RDR_REVNAT` (one socket may send to several services).
+    pub flags: u32,
+}
+
+/// [`SockState::flags`]: look in `RDR_REVNAT` for peers other than `fork`.
+pub const SOCK_STATE_REVNAT: u32 = 1;
 
 /// The single value of `RDR_ROUTER`: where the node router listens and whether it is alive.
 ///

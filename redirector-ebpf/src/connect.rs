@@ -12,12 +12,12 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if crate::ctx::ip4(&ctx) == u32::MAX {
         return SYS_PROCEED;
     }
-    xlate::fwd4(&ctx);
+    xlate::fwd4(&ctx, xlate::Forward::Connect);
     SYS_PROCEED
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    xlate::fwd6(&ctx);
+    xlate::fwd6(&ctx, xlate::Forward::Connect);
     SYS_PROCEED
 }

@@ -3,12 +3,13 @@
 //! the daemon reads too.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockMap},
 };
 use redirector_common::{
     EndpointKey, MemberValue, RevNatKey, RouteKey, RouteValue, RouterConfig, ServiceKey,
-    ServiceValue, SockAddr, map_sizes, stats,
+    ServiceValue, SockAddr, SockState, map_sizes, stats,
 };
 
 /// Destinations that have at least one fork. A miss here is the fast path.
@@ -30,7 +31,13 @@ pub(crate) static ROUTES: HashMap<RouteKey, RouteValue> = HashMap::pinned(map_si
 pub(crate) static ENDPOINTS: HashMap<EndpointKey, SockAddr> =
     HashMap::pinned(map_sizes::ENDPOINTS, BPF_F_NO_PREALLOC);
 
-/// (socket, fork endpoint) -> the service address the application dialed.
+/// Per socket: what the forward hooks did to it (see `redirector_common::SockState`). A BTF
+/// map (socket storage has no legacy definition); the daemon pins it by name like the others.
+#[btf_map(name = "RDR_SKSTATE_v2")]
+pub(crate) static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
+
+/// (socket, fork endpoint) -> the service address the application dialed, for unconnected UDP
+/// sends only (one socket may send to several services; connected sockets use `SOCK_STATE`).
 #[map(name = "RDR_REVNAT_v2")]
 pub(crate) static REVNAT: LruHashMap<RevNatKey, SockAddr> =
     LruHashMap::pinned(map_sizes::REVNAT, 0);

@@ -13,15 +13,15 @@ use aya_ebpf::{
 };
 use redirector_common::{
     EndpointKey, FAMILY_V4, FAMILY_V6, ROUTER_SOCKET_V4, ROUTER_SOCKET_V6, ROUTER_STALE_NS,
-    RevNatKey, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF, ServiceKey, SockAddr, endpoint_index,
-    stats,
+    RevNatKey, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF, SOCK_STATE_REVNAT, ServiceKey,
+    SockAddr, SockState, endpoint_index, stats,
 };
 
 use crate::{
     ctx,
     maps::{
-        ENDPOINTS, HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, count,
-        count_route,
+        ENDPOINTS, HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES,
+        SOCK_STATE, count, count_route,
     },
 };
 
@@ -34,16 +34,24 @@ static COUNT_FAST_PATH: Global<u8> = Global::new(0);
 /// Third word of a v4-mapped IPv6 address (`::ffff:a.b.c.d`) as it sits in memory.
 const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
+/// Which forward hook runs: `connect()` gives the socket one peer; an unconnected `sendmsg()`
+/// one destination among possibly several.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Forward {
+    Connect,
+    Send,
+}
+
 /// Forward translation for an IPv4 socket.
 #[inline(always)]
-pub(crate) fn fwd4(ctx: &SockAddrContext) {
+pub(crate) fn fwd4(ctx: &SockAddrContext, hook: Forward) {
     let dialed = SockAddr {
         addr: [ctx::ip4(ctx), 0, 0, 0],
         port: ctx::port(ctx),
         family: FAMILY_V4,
         _pad: 0,
     };
-    if let Some(fork) = steer(ctx, &dialed) {
+    if let Some(fork) = steer(ctx, &dialed, hook) {
         // A v4 service only ever has a v4 fork (the daemon validates families).
         ctx::set_ip4(ctx, fork.addr[0]);
         ctx::set_port(ctx, fork.port);
@@ -52,9 +60,9 @@ pub(crate) fn fwd4(ctx: &SockAddrContext) {
 
 /// Forward translation for an IPv6 socket (native IPv6 or v4-mapped).
 #[inline(always)]
-pub(crate) fn fwd6(ctx: &SockAddrContext) {
+pub(crate) fn fwd6(ctx: &SockAddrContext, hook: Forward) {
     let dialed = from_ip6(ctx::ip6(ctx), ctx::port(ctx));
-    if let Some(fork) = steer(ctx, &dialed) {
+    if let Some(fork) = steer(ctx, &dialed, hook) {
         ctx::set_ip6(ctx, &to_ip6(&fork));
         ctx::set_port(ctx, fork.port);
     }
@@ -89,7 +97,7 @@ pub(crate) fn rev6(ctx: &SockAddrContext) {
 /// member's fork (L4), or the node router for an HTTP service (L7). Records the reverse entry
 /// so the application keeps seeing `dialed`. `None` leaves the destination untouched.
 #[inline(always)]
-fn steer(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
+fn steer(ctx: &SockAddrContext, dialed: &SockAddr, hook: Forward) -> Option<SockAddr> {
     let key = ServiceKey {
         addr: dialed.addr,
         port: dialed.port,
@@ -120,16 +128,40 @@ fn steer(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
         }
     };
 
+    if !remember(ctx, dialed, target, hook) {
+        // Still redirect: the connection works, only getpeername shows the real peer.
+        count(stats::REVNAT_UPDATE_FAILED);
+    }
+    Some(target)
+}
+
+/// Records on the socket that `dialed` now goes to `target`, for the reverse hooks.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, dialed: &SockAddr, target: SockAddr, hook: Forward) -> bool {
+    let mut fresh = SockState::default();
+    // SAFETY: the helper takes the context's own socket; the pointer it returns is this
+    // socket's storage, valid for the rest of the program.
+    let state = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
+    if state.is_null() {
+        return false;
+    }
+    if hook == Forward::Connect {
+        // SAFETY: non-null storage pointer from the helper, this socket's alone (the socket
+        // is locked while its syscall runs the hook).
+        unsafe {
+            (*state).fork = target;
+            (*state).dialed = *dialed;
+        }
+        return true;
+    }
+    // SAFETY: as above.
+    unsafe { (*state).flags |= SOCK_STATE_REVNAT };
     let rev = RevNatKey {
         socket_cookie: ctx::socket_cookie(ctx),
         fork: target,
         _pad: 0,
     };
-    if REVNAT.insert(&rev, dialed, 0).is_err() {
-        // Still redirect: the connection works, only getpeername shows the real peer.
-        count(stats::REVNAT_UPDATE_FAILED);
-    }
-    Some(target)
+    REVNAT.insert(&rev, dialed, 0).is_ok()
 }
 
 /// The fork this socket's pod must reach instead of the service, if the pod is a sandbox
@@ -237,9 +269,24 @@ fn router_listening(slot: u32) -> bool {
     true
 }
 
-/// The service address this socket dialed, if `peer` is a fork it was steered to.
+/// The service address this socket dialed, if `peer` is a fork it was steered to. A socket
+/// the forward hooks never touched has no storage: one lookup in the socket itself, and out.
 #[inline(always)]
 fn dialed_service(ctx: &SockAddrContext, peer: SockAddr) -> Option<SockAddr> {
+    // SAFETY: the helper takes the context's own socket; null when it has no storage.
+    let state = unsafe { SOCK_STATE.get_ptr_mut(ctx) };
+    if state.is_null() {
+        return None;
+    }
+    // SAFETY: non-null storage pointer from the helper, copied out at once.
+    let state = unsafe { *state };
+    if state.fork.family != 0 && state.fork == peer {
+        count(stats::REVERSE_HIT);
+        return Some(state.dialed);
+    }
+    if state.flags & SOCK_STATE_REVNAT == 0 {
+        return None;
+    }
     let key = RevNatKey {
         socket_cookie: ctx::socket_cookie(ctx),
         fork: peer,

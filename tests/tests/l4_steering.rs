@@ -20,6 +20,58 @@ fn member_reaches_the_fork_over_tcp_and_udp_v4_and_v6() {
     assert_eq!(c.udp(&c.member, VIP6), FORK, "udp v6");
 }
 
+/// Entries in a pinned map, read with bpftool.
+fn map_entries(c: &Cluster, name: &str) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(c.pin_dir().join(name))
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+        .expect("bpftool json")
+        .len()
+}
+
+/// The reverse translation of a connected socket lives on the socket (and dies with it): TCP
+/// and connected UDP leave nothing in the shared reverse map, which only unconnected sends
+/// (one socket, several destinations) still use.
+#[test]
+fn connected_sockets_keep_their_reverse_translation_on_the_socket() {
+    let Some(mut c) = Cluster::new("l4-sockstate") else {
+        return;
+    };
+    c.start(&[]);
+    for _ in 0..5 {
+        assert_eq!(c.tcp(&c.member, VIP4), FORK);
+        assert_eq!(c.tcp(&c.member, VIP6), FORK);
+    }
+    let connected = c
+        .member
+        .call(
+            &c.node,
+            redirector_tests::Proto::Udp,
+            addr(VIP4),
+            &CallOpts::new().connected(),
+        )
+        .expect("connected udp");
+    assert_eq!(
+        (connected.server.as_str(), connected.peer_unmapped()),
+        (FORK, addr(VIP4))
+    );
+    assert!(
+        c.pin_dir().join("RDR_SKSTATE_v2").exists(),
+        "socket storage is pinned"
+    );
+    assert_eq!(map_entries(&c, "RDR_REVNAT_v2"), 0, "nothing left behind");
+    assert_eq!(c.udp(&c.member, VIP4), FORK, "unconnected");
+    assert_eq!(map_entries(&c, "RDR_REVNAT_v2"), 1);
+}
+
 #[test]
 fn v4_service_through_an_ipv6_socket_is_steered_and_hidden() {
     let Some(mut c) = Cluster::new("l4-mapped") else {

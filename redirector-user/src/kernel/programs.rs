@@ -178,8 +178,12 @@ pub fn start(
         source,
     })?;
     let count_fast_path = u8::from(options.count_fast_path);
+    // Socket storage is a BTF map, which has no pinning attribute: pinned by name explicitly,
+    // so that a new build's programs see the sockets the old ones steered.
+    let sock_state_pin = pin_dir.join(map_names::SOCK_STATE);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
+        .map_pin_path(map_names::SOCK_STATE, sock_state_pin.as_path())
         .override_global("COUNT_FAST_PATH", &count_fast_path, true)
         .load(EBPF_OBJECT)?;
     let maps = take_maps(&mut ebpf)?;
