@@ -13,15 +13,15 @@ use aya_ebpf::{
 };
 use redirector_common::{
     EndpointKey, FAMILY_V4, FAMILY_V6, ROUTER_SOCKET_V4, ROUTER_SOCKET_V6, ROUTER_STALE_NS,
-    RevNatKey, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF, SOCK_STATE_REVNAT, ServiceKey,
-    SockAddr, SockState, endpoint_index, stats,
+    RevNatKey, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF, SOCK_STATE_REVNAT, ServiceKey, SockAddr,
+    SockState, endpoint_index, stats,
 };
 
 use crate::{
     ctx,
     maps::{
-        ENDPOINTS, HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES,
-        SOCK_STATE, count, count_route,
+        ENDPOINTS, HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, SOCK_STATE,
+        count, count_route,
     },
 };
 
