@@ -19,7 +19,8 @@ struct Cli {
 enum Task {
     /// Install rust-src and a bpf-linker built against this toolchain's LLVM (idempotent).
     Setup(setup::Options),
-    /// Live demo on a simulated node: a member pod and a non-member pod call the same service.
+    /// Live demo on a simulated node: a member pod and a non-member pod call the same service
+    /// (`--cluster`: the whole cluster workflow, with a test API server and the controller).
     Demo(demo::Options),
     /// Build (once) the real Kubernetes API server and etcd the Kubernetes tests run against,
     /// from pinned Debian sid packages; `test` runs this first. A cold build takes ~15 minutes.

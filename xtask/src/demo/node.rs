@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: redirector steering real traffic on a simulated node.
+//! `cargo xtask demo` (no flags): redirector steering real traffic on a simulated node.
 //!
 //! The node is built out of network namespaces (see `redirector_tests::simnode`): an HTTP
 //! service `svc-a` and a plain TCP service `db`, each with a baseline and a fork for sandbox
@@ -12,12 +12,9 @@ use std::{ffi::OsString, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
 use redirector_tests::{HttpReq, Node, Pod, workspace_bin};
-use serde_json::Value;
 
+use super::{is_root, step, text};
 use crate::setup;
-
-#[derive(clap::Args, Default)]
-pub struct Options {}
 
 const SVC_A: &str = "10.96.0.10:8080";
 const DB: &str = "10.96.0.20:5432";
@@ -25,7 +22,7 @@ const DB6: &str = "[fd00:96::20]:5432";
 const ROUTER: &str = "10.200.0.1:15001";
 const UPSTREAM_HEADER: &str = "x-redirector-upstream";
 
-pub fn run(_opts: &Options) -> anyhow::Result<()> {
+pub fn run() -> anyhow::Result<()> {
     setup::run(&setup::Options::default())?;
     if !is_root() {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
@@ -259,17 +256,4 @@ address = "{DB6}"
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("demo addresses are valid")
-}
-
-fn text(value: &Value) -> String {
-    value.as_str().map_or_else(|| "-".to_owned(), str::to_owned)
-}
-
-fn step(title: &str) {
-    println!("\n==> {title}");
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
