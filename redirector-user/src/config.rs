@@ -263,6 +263,12 @@ struct RawService {
     name: Spanned<String>,
     address: Spanned<String>,
     protocol: Option<Spanned<Protocol>>,
+    /// Where requests may carry the routing key: "header", "query", "cookie" (HTTP only).
+    key_from: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Hand a key that came by query parameter back as a cookie.
+    set_cookie: Option<Spanned<bool>>,
+    /// Seconds, or a duration such as "1h" (seconds or a string, hence the raw value).
+    cookie_max_age: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -400,6 +406,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing_key::{self, KeySources};
 
     const GOOD: &str = r#"
 [daemon]
@@ -685,6 +692,216 @@ members = ["/run/netns/tester"]
                 "{route}"
             );
         }
+    }
+
+    /// GOOD with `lines` added to svc-a's service table (protocol http).
+    fn with_svc_a_lines(lines: &str) -> String {
+        GOOD.replace(
+            "protocol = \"http\"\n",
+            &format!("protocol = \"http\"\n{lines}\n"),
+        )
+    }
+
+    #[test]
+    fn key_from_and_the_cookie_parse_with_defaults() {
+        let sources = |lines: &str| {
+            let config = parse(&with_svc_a_lines(lines)).expect("valid");
+            config.state.key_sources.get("svc-a").copied()
+        };
+        // Not said, or said as the default: nothing stored, headers only.
+        assert_eq!(sources(""), None);
+        assert_eq!(sources("key_from = [\"header\"]"), None);
+        assert_eq!(sources("key_from = [\"header\"]\nset_cookie = false"), None);
+        let query = KeySources {
+            query: true,
+            ..KeySources::default()
+        };
+        assert_eq!(sources("key_from = [\"header\", \"query\"]"), Some(query));
+        // Precedence is fixed, whatever the order of the list.
+        assert_eq!(
+            sources("key_from = [\"cookie\", \"query\", \"header\"]"),
+            Some(KeySources {
+                cookie: true,
+                ..query
+            })
+        );
+        assert_eq!(
+            sources("key_from = [\"query\"]"),
+            Some(KeySources {
+                header: false,
+                ..query
+            })
+        );
+        let hour = Duration::from_secs(3600);
+        for (age, expected) in [
+            ("", routing_key::DEFAULT_COOKIE_MAX_AGE),
+            ("cookie_max_age = 90", Duration::from_secs(90)),
+            ("cookie_max_age = \"1h\"", hour),
+            ("cookie_max_age = \"PT1H\"", hour),
+            (
+                "cookie_max_age = \"1h 30m\"",
+                hour + Duration::from_secs(1800),
+            ),
+            ("cookie_max_age = \"30 minutes\"", Duration::from_secs(1800)),
+            (
+                "cookie_max_age = \"9600h\"",
+                Duration::from_secs(9600 * 3600),
+            ),
+        ] {
+            assert_eq!(
+                sources(&format!(
+                    "key_from = [\"header\", \"query\", \"cookie\"]\nset_cookie = true\n{age}"
+                )),
+                Some(KeySources {
+                    header: true,
+                    query: true,
+                    cookie: true,
+                    set_cookie: Some(expected),
+                }),
+                "{age}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_key_from_and_cookie_settings_are_located() {
+        let cases = [
+            (
+                "key_from = []",
+                "[]",
+                "service[0].key_from",
+                "must list at least one of \"header\", \"query\", \"cookie\"",
+            ),
+            (
+                "key_from = [\"header\", \"form\"]",
+                "\"form\"",
+                "service[0].key_from[1]",
+                "\"form\" is not a key carrier: use \"header\", \"query\" or \"cookie\"",
+            ),
+            (
+                "key_from = [\"Query\"]",
+                "\"Query\"",
+                "service[0].key_from[0]",
+                "\"Query\" is not a key carrier: use \"header\", \"query\" or \"cookie\"",
+            ),
+            (
+                "key_from = [\"query\", \"header\", \"query\"]",
+                "\"query\"]",
+                "service[0].key_from[2]",
+                "\"query\" is listed twice",
+            ),
+            (
+                "set_cookie = true",
+                "true",
+                "service[0].set_cookie",
+                "the cookie is set when the key arrives by query parameter: add \"query\" to key_from",
+            ),
+            (
+                "key_from = [\"header\", \"cookie\"]\nset_cookie = true",
+                "true",
+                "service[0].set_cookie",
+                "the cookie is set when the key arrives by query parameter: add \"query\" to key_from",
+            ),
+            (
+                "key_from = [\"query\"]\ncookie_max_age = 60",
+                "60",
+                "service[0].cookie_max_age",
+                "takes effect only with set_cookie = true",
+            ),
+            (
+                "key_from = [\"query\"]\nset_cookie = true\ncookie_max_age = 0",
+                "0",
+                "service[0].cookie_max_age",
+                "must be between 1 second and 400 days",
+            ),
+            (
+                "key_from = [\"query\"]\nset_cookie = true\ncookie_max_age = -5",
+                "-5",
+                "service[0].cookie_max_age",
+                "must be between 1 second and 400 days",
+            ),
+            (
+                "key_from = [\"query\"]\nset_cookie = true\ncookie_max_age = \"9601h\"",
+                "\"9601h\"",
+                "service[0].cookie_max_age",
+                "must be between 1 second and 400 days",
+            ),
+            (
+                "key_from = [\"query\"]\nset_cookie = true\ncookie_max_age = \"1.5s\"",
+                "\"1.5s\"",
+                "service[0].cookie_max_age",
+                "must be whole seconds (e.g. 3600) or a duration such as \"1h\", \"30m\" or \"90s\"",
+            ),
+            (
+                "key_from = [\"query\"]\nset_cookie = true\ncookie_max_age = \"a while\"",
+                "\"a while\"",
+                "service[0].cookie_max_age",
+                "must be whole seconds (e.g. 3600) or a duration such as \"1h\", \"30m\" or \"90s\"",
+            ),
+            (
+                "key_from = [\"query\"]\nset_cookie = true\ncookie_max_age = 1.5",
+                "1.5",
+                "service[0].cookie_max_age",
+                "must be whole seconds (e.g. 3600) or a duration such as \"1h\", \"30m\" or \"90s\"",
+            ),
+        ];
+        for (lines, needle, field, message) in cases {
+            let text = with_svc_a_lines(lines);
+            // The needle's last occurrence in the added lines: `"query"]` of the repeat case.
+            let offset = text.find(lines).unwrap() + lines.rfind(needle).expect("needle");
+            let (line, column) = line_col(&text, offset);
+            assert_eq!(
+                located(&text),
+                [(line, column, field.to_owned(), message.to_owned())],
+                "{lines}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_from_is_for_http_services_and_config_files_only() {
+        let text = GOOD.replace(
+            "address = \"[fd00:96::20]:5432\"\n",
+            "address = \"[fd00:96::20]:5432\"\nset_cookie = true\nkey_from = [\"query\"]\n",
+        );
+        let (line, column) = at(&text, "true\nkey_from");
+        assert_eq!(
+            located(&text),
+            [(
+                line,
+                column,
+                "service[1].set_cookie".to_owned(),
+                "only HTTP services carry the key in requests: set protocol = \"http\"".to_owned()
+            )]
+        );
+        let fragment = "[[service]]\nname = \"web\"\naddress = \"10.96.0.9:80\"\nprotocol = \"http\"\nkey_from = [\"header\", \"query\"]\n";
+        let errs = parse_fragment(fragment).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            (
+                errs[0].line,
+                errs[0].field.as_str(),
+                errs[0].message.as_str()
+            ),
+            (
+                5,
+                "service[0].key_from",
+                "is read from the config file only; `redirector apply` cannot set it"
+            )
+        );
+        // Reported together with the service's other problems.
+        let both =
+            with_svc_a_lines("key_from = [\"nope\"]").replace("10.96.0.10:8080", "10.96.0.10");
+        let fields: Vec<String> = errors(&both).into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "service[0].address",
+                "service[0].key_from[0]",
+                // svc-a is not declared without its address.
+                "sandbox[0].routes[0].service"
+            ]
+        );
     }
 
     #[test]

@@ -13,8 +13,18 @@
 //!
 //! A carrier that names the key with an invalid value yields [`Extracted::Invalid`]: the request
 //! is routed as if it had no key (and counted), never to a guessed sandbox.
+//!
+//! An HTTP service may also take the key from a query parameter and a cookie named `NAME`
+//! (`key_from`, see [`KeySources`] and the `edge` module); headers win over the query parameter,
+//! the query parameter over the cookie, and the first of them that names the key decides, valid
+//! or not.
+mod edge;
 
-use http::{HeaderMap, HeaderName};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, Request};
+
+pub use self::edge::{add_to_baggage, set_cookie};
 
 /// Longest accepted key, in bytes.
 pub const MAX_KEY_LEN: usize = 63;
@@ -59,6 +69,95 @@ pub enum Extracted {
     Absent,
 }
 
+/// A place in a request that can carry the key, as `key_from` names it; the order here is the
+/// order of precedence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFrom {
+    /// The header carriers listed above.
+    Header,
+    /// A query parameter `NAME` (percent-decoded).
+    Query,
+    /// A cookie `NAME`.
+    Cookie,
+}
+
+impl KeyFrom {
+    pub const ALL: [KeyFrom; 3] = [KeyFrom::Header, KeyFrom::Query, KeyFrom::Cookie];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyFrom::Header => "header",
+            KeyFrom::Query => "query",
+            KeyFrom::Cookie => "cookie",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<KeyFrom> {
+        KeyFrom::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// Max-Age of the routing-key cookie when the config does not say.
+pub const DEFAULT_COOKIE_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// Where one HTTP service's requests may carry the key, and whether a key that arrives by query
+/// parameter is handed back as a cookie. The default, headers only, parses nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySources {
+    pub header: bool,
+    pub query: bool,
+    pub cookie: bool,
+    /// Max-Age of the `Set-Cookie` added to the response of a request whose key came by query
+    /// parameter; None: no cookie is set.
+    pub set_cookie: Option<Duration>,
+}
+
+impl Default for KeySources {
+    fn default() -> Self {
+        KeySources {
+            header: true,
+            query: false,
+            cookie: false,
+            set_cookie: None,
+        }
+    }
+}
+
+impl KeySources {
+    pub fn takes(&self, from: KeyFrom) -> bool {
+        match from {
+            KeyFrom::Header => self.header,
+            KeyFrom::Query => self.query,
+            KeyFrom::Cookie => self.cookie,
+        }
+    }
+}
+
+/// The key of a request and the carrier it came in (None when [`Extracted::Absent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub key: Extracted,
+    pub via: Option<KeyFrom>,
+}
+
+impl Found {
+    pub fn absent() -> Found {
+        Found {
+            key: Extracted::Absent,
+            via: None,
+        }
+    }
+
+    /// The valid key, when it came by query parameter or cookie: the router passes it on in
+    /// `baggage`, since nothing behind the service would read it there.
+    pub fn from_edge(&self) -> Option<&str> {
+        match (&self.key, self.via) {
+            (Extracted::Key(key), Some(KeyFrom::Query | KeyFrom::Cookie)) => Some(key),
+            _ => None,
+        }
+    }
+}
+
 /// Where keys are looked for, built once from the router settings.
 #[derive(Debug, Clone)]
 pub struct Carriers {
@@ -78,7 +177,39 @@ impl Carriers {
         }
     }
 
-    /// Finds the routing key of a request with these headers.
+    /// The configured key name: the baggage key, and the query parameter's and cookie's name.
+    pub fn key_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Finds the routing key of `req` in the carriers `sources` allows, in the order of
+    /// [`KeyFrom`]; the first carrier that names the key decides, even with an invalid value.
+    /// Reads the request head only, never the body. With the default sources (headers only)
+    /// neither the query nor the cookies are looked at.
+    pub fn find<B>(&self, req: &Request<B>, sources: &KeySources) -> Found {
+        for from in KeyFrom::ALL {
+            if !sources.takes(from) {
+                continue;
+            }
+            let key = match from {
+                KeyFrom::Header => self.extract(req.headers()),
+                KeyFrom::Query => req
+                    .uri()
+                    .query()
+                    .map_or(Extracted::Absent, |q| edge::from_query(q, &self.name)),
+                KeyFrom::Cookie => edge::from_cookies(req.headers(), &self.name),
+            };
+            if key != Extracted::Absent {
+                return Found {
+                    key,
+                    via: Some(from),
+                };
+            }
+        }
+        Found::absent()
+    }
+
+    /// Finds the routing key of a request with these headers (the header carriers only).
     pub fn extract(&self, headers: &HeaderMap) -> Extracted {
         let found = self
             .list_member(
@@ -100,11 +231,7 @@ impl Carriers {
                     .iter()
                     .find_map(|h| whole_value(headers, Some(h), false))
             });
-        match found {
-            None => Extracted::Absent,
-            Some(value) if validate(&value).is_ok() => Extracted::Key(value),
-            Some(_) => Extracted::Invalid,
-        }
+        found.map_or(Extracted::Absent, |value| judge(&value))
     }
 
     /// The value of list member `NAME=value` in a comma-separated list header (`baggage`,
@@ -119,24 +246,37 @@ impl Carriers {
             let Some(text) = carrier_text(value) else {
                 continue;
             };
-            for member in text.split(',') {
-                // Properties after ';' belong to the member, not to its value.
-                let member = member.split(';').next().unwrap_or("");
-                let Some((key, value)) = member.split_once('=') else {
-                    continue;
+            if let Some((_, value)) = list_members(text).find(|(key, _)| *key == self.name) {
+                return if decode {
+                    percent_decode(value)
+                } else {
+                    Some(value.to_owned())
                 };
-                if key.trim_matches(OWS) == self.name {
-                    let value = value.trim_matches(OWS);
-                    return Some(if decode {
-                        percent_decode(value)?
-                    } else {
-                        value.to_owned()
-                    });
-                }
             }
         }
         None
     }
+}
+
+/// A carrier's value judged: a valid key, or a present but invalid one.
+fn judge(value: &str) -> Extracted {
+    if validate(value).is_ok() {
+        Extracted::Key(value.to_owned())
+    } else {
+        Extracted::Invalid
+    }
+}
+
+/// The `(key, value)` of each `key=value` member of a comma-separated list (`baggage`,
+/// `tracestate`), whitespace trimmed, properties after `;` dropped; members without `=` are
+/// skipped.
+fn list_members(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.split(',').filter_map(|member| {
+        // Properties after ';' belong to the member, not to its value.
+        let member = member.split(';').next().unwrap_or("");
+        let (key, value) = member.split_once('=')?;
+        Some((key.trim_matches(OWS), value.trim_matches(OWS)))
+    })
 }
 
 /// Optional whitespace around list members and `=` (RFC 9110 OWS).
@@ -338,6 +478,186 @@ mod tests {
             carriers.extract(&headers(&[("ot-baggage-tenant", "t-3")])),
             key("t-3")
         );
+    }
+
+    fn request(uri: &str, pairs: &[(&str, &str)], body: &str) -> Request<String> {
+        let mut req = Request::builder().uri(uri).body(body.to_owned()).unwrap();
+        *req.headers_mut() = headers(pairs);
+        req
+    }
+
+    fn all_sources() -> KeySources {
+        KeySources {
+            query: true,
+            cookie: true,
+            ..KeySources::default()
+        }
+    }
+
+    fn find(sources: &KeySources, uri: &str, pairs: &[(&str, &str)]) -> Found {
+        Carriers::new("sd-routing-key", &[]).find(&request(uri, pairs, ""), sources)
+    }
+
+    fn found(k: &str, via: KeyFrom) -> Found {
+        Found {
+            key: key(k),
+            via: Some(via),
+        }
+    }
+
+    #[test]
+    fn by_default_only_headers_carry_the_key() {
+        let default = KeySources::default();
+        let cookie = [("cookie", "sd-routing-key=pr-2")];
+        assert_eq!(
+            find(&default, "/x?sd-routing-key=pr-1", &cookie),
+            Found::absent()
+        );
+        assert_eq!(
+            find(
+                &default,
+                "/x?sd-routing-key=pr-1",
+                &[("baggage", "sd-routing-key=pr-3")]
+            ),
+            found("pr-3", KeyFrom::Header)
+        );
+    }
+
+    #[test]
+    fn header_wins_over_query_query_over_cookie() {
+        let all = all_sources();
+        let cookie = ("cookie", "sd-routing-key=pr-3");
+        let header = ("uberctx-sd-routing-key", "pr-1");
+        let uri = "http://svc/x?a=1&sd-routing-key=pr-2";
+        assert_eq!(
+            find(&all, uri, &[cookie, header]),
+            found("pr-1", KeyFrom::Header)
+        );
+        assert_eq!(find(&all, uri, &[cookie]), found("pr-2", KeyFrom::Query));
+        assert_eq!(
+            find(&all, "/x?a=1", &[cookie]),
+            found("pr-3", KeyFrom::Cookie)
+        );
+        assert_eq!(find(&all, "/x", &[cookie]), found("pr-3", KeyFrom::Cookie));
+        assert_eq!(find(&all, "/x?a=1", &[]), Found::absent());
+        // The same key in header and query: the header's, and no second-guessing.
+        assert_eq!(
+            find(
+                &all,
+                "/x?sd-routing-key=pr-1",
+                &[("baggage", "sd-routing-key=pr-1")]
+            ),
+            found("pr-1", KeyFrom::Header)
+        );
+        // A carrier that is not enabled is skipped, not an error.
+        let query_only = KeySources {
+            header: false,
+            query: true,
+            ..KeySources::default()
+        };
+        assert_eq!(
+            find(&query_only, uri, &[header]),
+            found("pr-2", KeyFrom::Query)
+        );
+        let cookie_only = KeySources {
+            header: false,
+            cookie: true,
+            ..KeySources::default()
+        };
+        assert_eq!(
+            find(&cookie_only, uri, &[cookie, header]),
+            found("pr-3", KeyFrom::Cookie)
+        );
+    }
+
+    #[test]
+    fn an_invalid_key_in_the_winning_carrier_decides() {
+        let all = all_sources();
+        let invalid = |via| Found {
+            key: Extracted::Invalid,
+            via: Some(via),
+        };
+        assert_eq!(
+            find(
+                &all,
+                "/x?sd-routing-key=pr-2",
+                &[("baggage", "sd-routing-key=bad key")]
+            ),
+            invalid(KeyFrom::Header)
+        );
+        assert_eq!(
+            find(
+                &all,
+                "/x?sd-routing-key=bad%20key",
+                &[("cookie", "sd-routing-key=pr-3")]
+            ),
+            invalid(KeyFrom::Query)
+        );
+        assert_eq!(
+            find(
+                &all,
+                "/x?sd-routing-key=pr-1&sd-routing-key=pr-2",
+                &[("cookie", "sd-routing-key=pr-3")]
+            ),
+            invalid(KeyFrom::Query)
+        );
+        assert_eq!(
+            find(&all, "/x", &[("cookie", "sd-routing-key=pr 3")]),
+            invalid(KeyFrom::Cookie)
+        );
+    }
+
+    #[test]
+    fn a_post_form_body_is_never_read() {
+        let req = request(
+            "/submit",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "sd-routing-key=pr-1",
+        );
+        let carriers = Carriers::new("sd-routing-key", &[]);
+        assert_eq!(carriers.find(&req, &all_sources()), Found::absent());
+        // Only the query of the URI counts, for a POST as for a GET.
+        let req = request(
+            "/submit?sd-routing-key=pr-2",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "sd-routing-key=pr-1",
+        );
+        assert_eq!(
+            carriers.find(&req, &all_sources()),
+            found("pr-2", KeyFrom::Query)
+        );
+    }
+
+    #[test]
+    fn the_configured_key_name_names_the_parameter_and_the_cookie() {
+        let carriers = Carriers::new("tenant", &[]);
+        let all = all_sources();
+        let req = request("/x?sd-routing-key=a&tenant=t-1", &[], "");
+        assert_eq!(carriers.find(&req, &all), found("t-1", KeyFrom::Query));
+        let req = request("/x", &[("cookie", "sd-routing-key=a; tenant=t-2")], "");
+        assert_eq!(carriers.find(&req, &all), found("t-2", KeyFrom::Cookie));
+    }
+
+    #[test]
+    fn only_keys_from_the_edge_travel_on_in_baggage() {
+        assert_eq!(found("pr-1", KeyFrom::Query).from_edge(), Some("pr-1"));
+        assert_eq!(found("pr-1", KeyFrom::Cookie).from_edge(), Some("pr-1"));
+        assert_eq!(found("pr-1", KeyFrom::Header).from_edge(), None);
+        let invalid = Found {
+            key: Extracted::Invalid,
+            via: Some(KeyFrom::Query),
+        };
+        assert_eq!(invalid.from_edge(), None);
+        assert_eq!(Found::absent().from_edge(), None);
+    }
+
+    #[test]
+    fn key_from_names() {
+        for from in KeyFrom::ALL {
+            assert_eq!(KeyFrom::from_name(from.name()), Some(from));
+        }
+        assert_eq!(KeyFrom::from_name("form"), None);
+        assert_eq!(KeyFrom::from_name("Header"), None);
     }
 
     #[test]

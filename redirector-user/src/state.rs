@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::routing_key;
+use crate::routing_key::{self, KeySources};
 
 /// How a service is reached, which decides how its forks are routed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -111,6 +111,9 @@ pub struct DesiredState {
     pub sandboxes: BTreeMap<String, Sandbox>,
     /// By routing key.
     pub groups: BTreeMap<String, Group>,
+    /// By HTTP service name: where the service's requests may carry the routing key, for the
+    /// services that do not keep the default (headers only). Set by the config file only.
+    pub key_sources: BTreeMap<String, KeySources>,
 }
 
 /// A rule a state breaks, named by the field it concerns (e.g. `sandbox "pr-1" route "svc-a"`).
@@ -162,6 +165,20 @@ impl DesiredState {
                         service.address
                     ),
                 );
+            }
+        }
+
+        for name in self.key_sources.keys() {
+            match self.services.get(name) {
+                None => issue(
+                    format!("service {name:?} key_from"),
+                    format!("unknown service {name:?}"),
+                ),
+                Some(service) if service.protocol != Protocol::Http => issue(
+                    format!("service {name:?} key_from"),
+                    "only HTTP services carry the key in requests".to_owned(),
+                ),
+                Some(_) => {}
             }
         }
 
@@ -418,6 +435,32 @@ mod tests {
             [
                 "sandbox \"pr-1\" route \"a\": a route needs at least one fork endpoint",
                 "sandbox \"pr-2\" route \"b\": fork 10.0.0.2:80 is listed twice",
+            ]
+        );
+    }
+
+    #[test]
+    fn key_sources_name_http_services() {
+        let mut state = state();
+        state.services.get_mut("b").unwrap().protocol = Protocol::Tcp;
+        let query = KeySources {
+            query: true,
+            ..KeySources::default()
+        };
+        for name in ["a", "b", "nope"] {
+            state.key_sources.insert(name.into(), query);
+        }
+        let messages: Vec<String> = state
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|i| format!("{}: {}", i.field, i.message))
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "service \"b\" key_from: only HTTP services carry the key in requests",
+                "service \"nope\" key_from: unknown service \"nope\"",
             ]
         );
     }

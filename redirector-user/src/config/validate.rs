@@ -15,9 +15,12 @@ use super::{
     FieldError, RawGroup, RawRoute, RawRouter, RawSandbox, RawService, RouterSettings, line_col,
 };
 use crate::{
-    routing_key,
+    routing_key::{self, DEFAULT_COOKIE_MAX_AGE, KeyFrom, KeySources},
     state::{DesiredState, Group, Protocol, Route, Sandbox, Service},
 };
+
+/// Browsers cap a cookie's lifetime at 400 days (RFC 6265bis).
+const MAX_COOKIE_MAX_AGE: Duration = Duration::from_secs(400 * 24 * 3600);
 
 pub(super) struct Validator<'a> {
     pub(super) text: &'a str,
@@ -61,7 +64,12 @@ impl Validator<'_> {
                     format!("duplicate service name {name:?}"),
                 );
             }
-            let protocol = raw.protocol.map(|p| *p.get_ref()).unwrap_or(Protocol::Tcp);
+            let protocol = raw
+                .protocol
+                .as_ref()
+                .map(|p| *p.get_ref())
+                .unwrap_or(Protocol::Tcp);
+            let sources = self.key_sources(&raw, i, protocol);
             let Some(address) = self.socket_addr(&raw.address, field("address")) else {
                 continue;
             };
@@ -73,6 +81,12 @@ impl Validator<'_> {
                     field("address"),
                     format!("{address} is already the address of service {other:?}"),
                 );
+            }
+            if let Some(sources) = sources
+                && !state.services.contains_key(&name)
+                && sources != KeySources::default()
+            {
+                state.key_sources.insert(name.clone(), sources);
             }
             state.services.entry(name.clone()).or_insert(Service {
                 name,
@@ -161,6 +175,151 @@ impl Validator<'_> {
             });
         }
         state
+    }
+
+    /// A service's `key_from`, `set_cookie` and `cookie_max_age` (of `service[i]`); None after
+    /// reporting why not.
+    fn key_sources(
+        &mut self,
+        raw: &RawService,
+        i: usize,
+        protocol: Protocol,
+    ) -> Option<KeySources> {
+        let field = |f: &str| format!("service[{i}].{f}");
+        let first = [
+            raw.key_from.as_ref().map(|k| (k.span(), "key_from")),
+            raw.set_cookie.as_ref().map(|c| (c.span(), "set_cookie")),
+            raw.cookie_max_age
+                .as_ref()
+                .map(|a| (a.span(), "cookie_max_age")),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(span, _)| span.start);
+        let Some((span, name)) = first else {
+            return Some(KeySources::default());
+        };
+        if self.fragment {
+            // The API's service objects do not carry these (yet): refused, not dropped.
+            self.error(
+                span,
+                field(name),
+                "is read from the config file only; `redirector apply` cannot set it",
+            );
+            return None;
+        }
+        if protocol != Protocol::Http {
+            self.error(
+                span,
+                field(name),
+                "only HTTP services carry the key in requests: set protocol = \"http\"",
+            );
+            return None;
+        }
+        let mut valid = true;
+        let mut sources = KeySources {
+            header: false,
+            ..KeySources::default()
+        };
+        match &raw.key_from {
+            None => sources = KeySources::default(),
+            Some(list) if list.get_ref().is_empty() => {
+                self.error(
+                    list.span(),
+                    field("key_from"),
+                    "must list at least one of \"header\", \"query\", \"cookie\"",
+                );
+                valid = false;
+            }
+            Some(list) => {
+                for (j, entry) in list.get_ref().iter().enumerate() {
+                    let f = field(&format!("key_from[{j}]"));
+                    match KeyFrom::from_name(entry.get_ref()) {
+                        None => {
+                            self.error(
+                                entry.span(),
+                                f,
+                                format!(
+                                    "{:?} is not a key carrier: use \"header\", \"query\" or \"cookie\"",
+                                    entry.get_ref()
+                                ),
+                            );
+                            valid = false;
+                        }
+                        Some(from) if sources.takes(from) => {
+                            self.error(
+                                entry.span(),
+                                f,
+                                format!("{:?} is listed twice", entry.get_ref()),
+                            );
+                            valid = false;
+                        }
+                        Some(KeyFrom::Header) => sources.header = true,
+                        Some(KeyFrom::Query) => sources.query = true,
+                        Some(KeyFrom::Cookie) => sources.cookie = true,
+                    }
+                }
+            }
+        }
+        let max_age = match &raw.cookie_max_age {
+            None => Some(DEFAULT_COOKIE_MAX_AGE),
+            Some(age) => self.cookie_max_age(age, field("cookie_max_age")),
+        };
+        valid &= max_age.is_some();
+        match raw.set_cookie.as_ref().map(|c| (c.span(), *c.get_ref())) {
+            Some((span, true)) if valid && !sources.query => {
+                self.error(
+                    span,
+                    field("set_cookie"),
+                    "the cookie is set when the key arrives by query parameter: add \"query\" to key_from",
+                );
+                valid = false;
+            }
+            Some((_, true)) => sources.set_cookie = max_age,
+            Some((_, false)) | None => {
+                if let Some(age) = &raw.cookie_max_age {
+                    self.error(
+                        age.span(),
+                        field("cookie_max_age"),
+                        "takes effect only with set_cookie = true",
+                    );
+                    valid = false;
+                }
+            }
+        }
+        valid.then_some(sources)
+    }
+
+    /// `cookie_max_age`: whole seconds (an integer, or a duration such as "1h", "30m", "90s"
+    /// or "PT1H"), from 1 second to 400 days.
+    fn cookie_max_age(&mut self, raw: &Spanned<toml::Value>, field: String) -> Option<Duration> {
+        let parsed = match raw.get_ref() {
+            // Zero or less: out of range, said below.
+            toml::Value::Integer(secs) => {
+                Some(Duration::from_secs(u64::try_from(*secs).unwrap_or(0)))
+            }
+            toml::Value::String(text) => text
+                .parse::<jiff::SignedDuration>()
+                .ok()
+                .filter(|d| d.subsec_nanos() == 0)
+                .and_then(|d| Duration::try_from(d).ok()),
+            _ => None,
+        };
+        match parsed {
+            Some(age) if !age.is_zero() && age <= MAX_COOKIE_MAX_AGE => Some(age),
+            Some(_) => {
+                self.error(raw.span(), field, "must be between 1 second and 400 days");
+                None
+            }
+            None => {
+                self.error(
+                    raw.span(),
+                    field,
+                    "must be whole seconds (e.g. 3600) or a duration such as \"1h\", \"30m\" or \"90s\"",
+                );
+                None
+            }
+        }
     }
 
     /// The endpoints of a route's `fork` or `forks`, sorted; None after reporting why not.

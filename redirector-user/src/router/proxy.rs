@@ -3,6 +3,9 @@
 //!
 //! Requests and responses stream through untouched (headers included, so the key keeps
 //! propagating downstream); the router adds at most one response header naming the upstream.
+//! A key that came by query parameter or cookie (`key_from`) is the exception: the request
+//! gains a `baggage` member with it, and, for a query parameter and `set_cookie`, the response
+//! gains a `Set-Cookie`.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
@@ -21,7 +24,7 @@ use super::{
 };
 use crate::{
     metrics::{Metrics, outcome},
-    routing_key::Carriers,
+    routing_key::{self, Carriers, Found, KeyFrom, KeySources},
     state::ForkErrorPolicy,
 };
 
@@ -100,15 +103,70 @@ impl Proxy {
         client: &Client,
         mut req: Request<Incoming>,
     ) -> (Response<ProxyBody>, String, &'static str) {
-        let dialed = client.dialed;
-        let grpc = reply::is_grpc(req.headers());
-        let key = self.carriers.extract(req.headers());
-        let decision = self.table.load().decide(dialed, &key);
+        let (decision, found, sources) = {
+            let table = self.table.load();
+            match table.service(client.dialed) {
+                Some(service) => {
+                    let sources = *service.key_sources();
+                    let found = self.carriers.find(&req, &sources);
+                    (service.decide(&found.key), found, sources)
+                }
+                None => (
+                    Decision::Baseline {
+                        why: BaselineWhy::UnknownService,
+                    },
+                    Found::absent(),
+                    KeySources::default(),
+                ),
+            }
+        };
         // Taken before forwarding: the extension does not travel with the request.
         let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), client_upgrade.is_some());
+        let set_cookie = self.pass_on_edge_key(&mut req, &found, &sources);
 
-        let (target, fork, mut outcome) = match &decision {
+        let (mut response, sandbox, outcome) =
+            self.forward(client, req, &decision, client_upgrade).await;
+        if let Some(cookie) = set_cookie {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        (response, sandbox, outcome)
+    }
+
+    /// A valid key that came by query parameter or cookie joins the request's `baggage`, so
+    /// that services behind this one that propagate baggage keep it. Returns the `Set-Cookie`
+    /// for the response when the key came by query parameter and the service sets the cookie
+    /// (whatever the response: the browser session stays in the sandbox).
+    fn pass_on_edge_key(
+        &self,
+        req: &mut Request<Incoming>,
+        found: &Found,
+        sources: &KeySources,
+    ) -> Option<HeaderValue> {
+        let key = found.from_edge()?;
+        let name = self.carriers.key_name();
+        routing_key::add_to_baggage(req.headers_mut(), name, key);
+        if found.via != Some(KeyFrom::Query) {
+            RouterStats::bump(&self.stats.keys_from_cookie);
+            return None;
+        }
+        RouterStats::bump(&self.stats.keys_from_query);
+        let cookie = routing_key::set_cookie(name, key, sources.set_cookie?)?;
+        RouterStats::bump(&self.stats.cookies_set);
+        Some(cookie)
+    }
+
+    /// Sends the request where `decision` says, and answers for the upstream when it cannot.
+    async fn forward(
+        &self,
+        client: &Client,
+        req: Request<Incoming>,
+        decision: &Decision,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> (Response<ProxyBody>, String, &'static str) {
+        let dialed = client.dialed;
+        let grpc = reply::is_grpc(req.headers());
+        let (target, fork, mut outcome) = match decision {
             Decision::Fork { key, fork, .. } => {
                 RouterStats::bump(&self.stats.to_fork);
                 (

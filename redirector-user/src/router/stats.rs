@@ -13,6 +13,12 @@ pub struct RouterStats {
     pub baseline_invalid_key: AtomicU64,
     pub baseline_no_route: AtomicU64,
     pub baseline_unknown_service: AtomicU64,
+    /// Valid keys that came by query parameter (`key_from`), passed on in `baggage`.
+    pub keys_from_query: AtomicU64,
+    /// Valid keys that came by cookie, passed on in `baggage`.
+    pub keys_from_cookie: AtomicU64,
+    /// Responses that set the routing-key cookie (`set_cookie`).
+    pub cookies_set: AtomicU64,
     /// Fork unreachable, answered 502 (policy `error`).
     pub fork_error: AtomicU64,
     /// Fork unreachable, sent to the baseline (policy `baseline`).
@@ -51,6 +57,9 @@ impl RouterStats {
             ("baseline_invalid_key", &self.baseline_invalid_key),
             ("baseline_no_route", &self.baseline_no_route),
             ("baseline_unknown_service", &self.baseline_unknown_service),
+            ("keys_from_query", &self.keys_from_query),
+            ("keys_from_cookie", &self.keys_from_cookie),
+            ("cookies_set", &self.cookies_set),
             ("fork_error", &self.fork_error),
             ("fork_fallback", &self.fork_fallback),
             ("upstream_errors", &self.upstream_errors),

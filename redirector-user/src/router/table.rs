@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    routing_key::Extracted,
+    routing_key::{Extracted, KeySources},
     state::{DesiredState, ForkErrorPolicy, Protocol},
 };
 
@@ -20,11 +20,47 @@ pub struct RouteTable {
     services: HashMap<SocketAddr, ServiceRoutes>,
 }
 
+/// One HTTP service with forks, as the router sees it.
 #[derive(Debug)]
-struct ServiceRoutes {
+pub struct ServiceRoutes {
     name: String,
+    /// Where its requests may carry the key (`key_from`).
+    sources: KeySources,
     /// By routing key.
     forks: HashMap<String, ForkSet>,
+}
+
+impl ServiceRoutes {
+    pub fn key_sources(&self) -> &KeySources {
+        &self.sources
+    }
+
+    /// Where a request to this service with `key` goes.
+    pub fn decide(&self, key: &Extracted) -> Decision {
+        let key = match key {
+            Extracted::Key(key) => key,
+            Extracted::Invalid => {
+                return Decision::Baseline {
+                    why: BaselineWhy::InvalidKey,
+                };
+            }
+            Extracted::Absent => {
+                return Decision::Baseline {
+                    why: BaselineWhy::NoKey,
+                };
+            }
+        };
+        match self.forks.get(key) {
+            Some(forks) => Decision::Fork {
+                service: self.name.clone(),
+                key: key.clone(),
+                fork: forks.pick(),
+            },
+            None => Decision::Baseline {
+                why: BaselineWhy::NoRoute,
+            },
+        }
+    }
 }
 
 /// A fork's endpoints, taken in turn.
@@ -113,6 +149,11 @@ impl RouteTable {
                     canonical(service.address),
                     ServiceRoutes {
                         name: service.name.clone(),
+                        sources: state
+                            .key_sources
+                            .get(&service.name)
+                            .copied()
+                            .unwrap_or_default(),
                         forks,
                     },
                 );
@@ -121,33 +162,16 @@ impl RouteTable {
         RouteTable { services }
     }
 
+    /// The HTTP service with forks at `dialed`, if any: only those are routed.
+    pub fn service(&self, dialed: SocketAddr) -> Option<&ServiceRoutes> {
+        self.services.get(&canonical(dialed))
+    }
+
     pub fn decide(&self, dialed: SocketAddr, key: &Extracted) -> Decision {
-        let Some(service) = self.services.get(&canonical(dialed)) else {
-            return Decision::Baseline {
-                why: BaselineWhy::UnknownService,
-            };
-        };
-        let key = match key {
-            Extracted::Key(key) => key,
-            Extracted::Invalid => {
-                return Decision::Baseline {
-                    why: BaselineWhy::InvalidKey,
-                };
-            }
-            Extracted::Absent => {
-                return Decision::Baseline {
-                    why: BaselineWhy::NoKey,
-                };
-            }
-        };
-        match service.forks.get(key) {
-            Some(forks) => Decision::Fork {
-                service: service.name.clone(),
-                key: key.clone(),
-                fork: forks.pick(),
-            },
+        match self.service(dialed) {
+            Some(service) => service.decide(key),
             None => Decision::Baseline {
-                why: BaselineWhy::NoRoute,
+                why: BaselineWhy::UnknownService,
             },
         }
     }
@@ -249,6 +273,45 @@ routes = [{ service = "web", forks = ["10.0.0.9:8080", "10.0.0.7:8080", "10.0.0.
                 "10.0.0.9:8080"
             ]
         );
+    }
+
+    #[test]
+    fn each_service_keeps_its_key_sources() {
+        let config = config::parse(
+            r#"
+[[service]]
+name = "web"
+address = "10.96.0.10:8080"
+protocol = "http"
+key_from = ["header", "query", "cookie"]
+set_cookie = true
+cookie_max_age = "2h"
+
+[[service]]
+name = "api"
+address = "10.96.0.11:8080"
+protocol = "http"
+
+[[sandbox]]
+key = "pr-1"
+routes = [{ service = "web", fork = "10.0.0.7:8080" }, { service = "api", fork = "10.0.0.7:8081" }]
+"#,
+        )
+        .expect("valid");
+        let t = RouteTable::from_state(&config.state);
+        let web = t.service("10.96.0.10:8080".parse().unwrap()).unwrap();
+        assert_eq!(
+            *web.key_sources(),
+            KeySources {
+                header: true,
+                query: true,
+                cookie: true,
+                set_cookie: Some(std::time::Duration::from_secs(7200)),
+            }
+        );
+        let api = t.service("10.96.0.11:8080".parse().unwrap()).unwrap();
+        assert_eq!(*api.key_sources(), KeySources::default());
+        assert!(t.service("10.96.0.12:8080".parse().unwrap()).is_none());
     }
 
     #[test]
