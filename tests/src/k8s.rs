@@ -25,7 +25,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use k8s_openapi::{
+    api::core::v1::Namespace,
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api,
+    api::PostParams,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{conditions, wait::await_condition},
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -46,6 +56,7 @@ const APISERVER_READY: Duration = Duration::from_secs(60);
 /// Time between SIGTERM and SIGKILL in `stop_apiserver`; the server drains quickly.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
+const CRD_ESTABLISHED: Duration = Duration::from_secs(30);
 const ETCD_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of each log shown when a test panics with the cluster still up.
 const LOG_TAIL_ON_PANIC: usize = 40;
@@ -239,6 +250,42 @@ impl TestCluster {
     /// A new client for the cluster. Call it inside a Tokio runtime (kube spawns a task).
     pub fn client(&self) -> Result<kube::Client> {
         kube::Client::try_from(self.config.clone()).context("building a kube client")
+    }
+
+    /// Creates `crds`, waits until the API server serves each, and creates `namespace`: where
+    /// every Kubernetes test (and `cargo xtask demo --cluster`) starts. Returns a client.
+    pub async fn install(
+        &self,
+        crds: &[CustomResourceDefinition],
+        namespace: &str,
+    ) -> Result<kube::Client> {
+        let client = self.client()?;
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in crds {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            api.create(&PostParams::default(), crd)
+                .await
+                .with_context(|| format!("creating CRD {name}"))?;
+            tokio::time::timeout(
+                CRD_ESTABLISHED,
+                await_condition(api.clone(), &name, conditions::is_crd_established()),
+            )
+            .await
+            .with_context(|| format!("CRD {name} not established within {CRD_ESTABLISHED:?}"))?
+            .with_context(|| format!("waiting for CRD {name}"))?;
+        }
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {namespace}"))?;
+        Ok(client)
     }
 
     /// Whether the API server process is running (not stopped with `stop_apiserver`).
@@ -702,4 +749,19 @@ current-context: {name}
 "
         )
     }
+}
+
+/// Creates `object` in `namespace` and returns it as the API server stored it.
+pub async fn create_in<K>(client: &kube::Client, namespace: &str, object: &K) -> Result<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), object)
+        .await
+        .with_context(|| format!("creating {object:?}"))
 }

@@ -317,6 +317,40 @@ fn replicas(deployment: &Deployment) -> usize {
         .map_or(1, |r| usize::try_from(r).unwrap_or(0))
 }
 
+/// The kubelet's part for a pod the test runs itself: a Pod object `namespace/name` on
+/// `node_name` with `labels`, Running and Ready with the simulated pod's IPs, and a sandbox
+/// process in `kubepods/pod<uid>` so that the node agent finds its network namespace. The
+/// returned guard stops the sandbox process.
+pub async fn create_ready_pod(
+    client: &Client,
+    node: &Node,
+    sim: &Pod,
+    placement: (&str, &str, &str),
+    labels: &BTreeMap<String, String>,
+) -> Result<Daemon> {
+    let (namespace, name, node_name) = placement;
+    let object: KubePod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"nodeName": node_name, "containers": [{"name": "app", "image": "app"}]},
+    }))
+    .context("pod object")?;
+    let pods: Api<KubePod> = Api::namespaced(client.clone(), namespace);
+    let created = pods
+        .create(&PostParams::default(), &object)
+        .await
+        .with_context(|| format!("creating Pod {namespace}/{name}"))?;
+    let status = json!({"status": {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "podIP": sim.ipv4.to_string(),
+        "podIPs": [{"ip": sim.ipv4.to_string()}, {"ip": sim.ipv6.to_string()}],
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .with_context(|| format!("Pod {namespace}/{name} status"))?;
+    sim.start_sandbox_process(node, &created.uid().context("the Pod has no uid")?)
+}
+
 /// Labels as a map, for tests.
 pub fn labels_of<K: kube::Resource>(object: &K) -> BTreeMap<String, String> {
     object.meta().labels.clone().unwrap_or_default()

@@ -8,14 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::core::v1::Namespace,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
 use kube::{
     Api, Client, ResourceExt as _,
-    api::{Patch, PatchParams, PostParams},
-    runtime::{conditions, wait::await_condition},
+    api::{Patch, PatchParams},
 };
 use redirector_tests::k8s::{TestCluster, require_k8s};
 use redirector_user::k8s::crd::{self, Sandbox, WorkloadKind};
@@ -86,29 +81,10 @@ async fn cluster() -> Option<(TestCluster, Client)> {
         return None;
     }
     let cluster = TestCluster::start().await.expect("test cluster");
-    let client = cluster.client().expect("client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in crd::definitions() {
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .expect("create CRD");
-        tokio::time::timeout(
-            WAIT,
-            await_condition(
-                crds.clone(),
-                &crd.name_any(),
-                conditions::is_crd_established(),
-            ),
-        )
+    let client = cluster
+        .install(&crd::definitions(), NS)
         .await
-        .expect("CRD established in time")
-        .expect("CRD established");
-    }
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
+        .expect("CRDs and namespace");
     Some((cluster, client))
 }
 
@@ -451,8 +427,9 @@ async fn create_wait_rides_out_an_api_server_restart() {
         ],
     )));
     let made = applied(&api, "pr-4").await;
-    // Let the CLI's watch start before the server goes away.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the CLI's watch start before the server goes away (the outage under test is during
+    // the wait, not during the apply; a loaded 2-core machine needs more than a moment).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.stop_apiserver().expect("stop the API server");
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster

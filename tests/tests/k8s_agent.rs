@@ -10,21 +10,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Client, ResourceExt as _,
     api::{DeleteParams, Patch, PatchParams, PostParams},
-    runtime::{conditions, wait::await_condition},
 };
 use redirector_tests::{
     Bridge, CallOpts, Daemon, HttpReq, Node, Pod as SimPod, Proto, Server,
-    k8s::{ClusterOptions, TestCluster, require_k8s},
+    k8s::{ClusterOptions, TestCluster, create_in, require_k8s},
+    kubelet::create_ready_pod,
     require_e2e,
 };
 use redirector_user::{
@@ -46,7 +43,6 @@ const ALT_FORK_PORT: u16 = 9090;
 /// `svc-a` port `http` (`appProtocol: http`): the node router routes its requests one by one.
 const HTTP_PORT: u16 = 8081;
 const ROUTER: &str = "10.200.0.1:15001";
-const WAIT: Duration = Duration::from_secs(30);
 const FORKS: usize = 3;
 
 /// One simulated node wired to a test cluster: the baseline pod `svc-a` behind the VIPs, three
@@ -74,26 +70,10 @@ async fn cluster(opts: ClusterOptions) -> Option<(TestCluster, Client)> {
         return None;
     }
     let cluster = TestCluster::start_with(opts).await.expect("test cluster");
-    let client = cluster.client().expect("client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in crd::definitions() {
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .expect("create CRD");
-        let name = crd.name_any();
-        tokio::time::timeout(
-            WAIT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
+    let client = cluster
+        .install(&crd::definitions(), NS)
         .await
-        .expect("CRD established in time")
-        .expect("CRD established");
-    }
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
+        .expect("CRDs and namespace");
     create(&client, service("svc-a", true)).await;
     create(&client, service("svc-a-fork", false)).await;
     Some((cluster, client))
@@ -122,10 +102,7 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    Api::<K>::namespaced(client.clone(), NS)
-        .create(&PostParams::default(), &object)
-        .await
-        .unwrap_or_else(|e| panic!("create {object:?}: {e}"));
+    create_in(client, NS, &object).await.expect("create");
 }
 
 impl World {
@@ -207,30 +184,19 @@ impl World {
     /// sandbox process in `kubepods/pod<uid>`.
     async fn create_pod(&mut self, pod: &SimPod, name: &str, labels: &[(&str, &str)]) {
         let name = self.pod_name(name);
-        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-        let object: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": NS, "labels": labels},
-            "spec": {"nodeName": self.node_name, "containers": [{"name": "app", "image": "app"}]},
-        }))
-        .expect("pod");
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NS);
-        let created = pods
-            .create(&PostParams::default(), &object)
-            .await
-            .expect("create pod");
-        let status = json!({"status": {
-            "phase": "Running",
-            "conditions": [{"type": "Ready", "status": "True"}],
-            "podIP": pod.ipv4.to_string(),
-            "podIPs": [{"ip": pod.ipv4.to_string()}, {"ip": pod.ipv6.to_string()}],
-        }});
-        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .expect("pod status");
-        let uid = created.uid().expect("uid");
-        let pause = pod
-            .start_sandbox_process(&self.node, &uid)
-            .expect("sandbox process");
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let pause = create_ready_pod(
+            &self.client,
+            &self.node,
+            pod,
+            (NS, &name, &self.node_name),
+            &labels,
+        )
+        .await
+        .expect("ready pod");
         self.pause.insert(name, pause);
     }
 

@@ -12,23 +12,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::{
-        apps::v1::Deployment,
-        coordination::v1::Lease,
-        core::v1::{Namespace, Pod, Service},
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    coordination::v1::Lease,
+    core::v1::{Pod, Service},
 };
 use kube::{
     Api, Client, ResourceExt as _,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    runtime::{conditions, wait::await_condition},
 };
 use redirector_tests::{
     Bridge, Daemon, HttpReq, Node, Pod as SimPod, Server,
-    k8s::{TestCluster, require_k8s},
-    kubelet::FakeKubelet,
+    k8s::{TestCluster, create_in, require_k8s},
+    kubelet::{FakeKubelet, create_ready_pod},
     require_e2e,
 };
 use redirector_user::k8s::crd::{self, RouteGroup, Sandbox};
@@ -73,29 +69,10 @@ impl World {
             return None;
         }
         let cluster = TestCluster::start().await.expect("test cluster");
-        let client = cluster.client().expect("client");
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in crd::definitions() {
-            crds.create(&PostParams::default(), &crd)
-                .await
-                .expect("create CRD");
-            tokio::time::timeout(
-                WAIT,
-                await_condition(
-                    crds.clone(),
-                    &crd.name_any(),
-                    conditions::is_crd_established(),
-                ),
-            )
+        let client = cluster
+            .install(&crd::definitions(), NS)
             .await
-            .expect("CRD established in time")
-            .expect("CRD established");
-        }
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("namespace");
+            .expect("CRDs and namespace");
         create(&client, baseline_deployment()).await;
         create(&client, baseline_service()).await;
 
@@ -281,10 +258,7 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    Api::<K>::namespaced(client.clone(), NS)
-        .create(&PostParams::default(), &object)
-        .await
-        .unwrap_or_else(|e| panic!("create {object:?}: {e}"));
+    create_in(client, NS, &object).await.expect("create");
 }
 
 /// A Pod object for a simulated pod, ready, with a sandbox process (the kubelet's part).
@@ -295,27 +269,10 @@ async fn create_pod(
     name: &str,
     labels: Value,
 ) -> Daemon {
-    let object: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": NS, "labels": labels},
-        "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "app"}]},
-    }))
-    .expect("pod");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let created = pods
-        .create(&PostParams::default(), &object)
+    let labels = serde_json::from_value(labels).expect("labels");
+    create_ready_pod(client, node, pod, (NS, name, NODE_NAME), &labels)
         .await
-        .expect("create pod");
-    let status = json!({"status": {
-        "phase": "Running",
-        "conditions": [{"type": "Ready", "status": "True"}],
-        "podIP": pod.ipv4.to_string(),
-        "podIPs": [{"ip": pod.ipv4.to_string()}, {"ip": pod.ipv6.to_string()}],
-    }});
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("pod status");
-    pod.start_sandbox_process(node, &created.uid().expect("uid"))
-        .expect("sandbox process")
+        .expect("ready pod")
 }
 
 fn baseline_deployment() -> Deployment {

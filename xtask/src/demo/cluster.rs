@@ -31,21 +31,21 @@ use k8s_openapi::{
     NamespaceResourceScope,
     api::{
         apps::v1::Deployment,
-        core::v1::{Namespace, Pod as KubePod, Service},
+        core::v1::{Pod as KubePod, Service},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
-    Api, Client, ResourceExt as _,
-    api::{
-        ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
-    },
-    runtime::{conditions, wait::await_condition},
+    Api, Client, ResourceExt,
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams},
 };
 use redirector_tests::{
-    Bridge, Daemon, HttpReq, Node, Pod, Server, k8s::TestCluster, kubelet::FakeKubelet,
+    Bridge, Daemon, HttpReq, Node, Pod, Server,
+    k8s::TestCluster,
+    kubelet::{FakeKubelet, create_ready_pod},
     workspace_bin,
 };
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use super::{is_root, step};
@@ -226,22 +226,20 @@ impl World {
         let cluster = TestCluster::start()
             .await
             .context("starting the test API server")?;
-        let client = cluster.client()?;
         println!("  API server {}", cluster.server_url());
         println!(
             "  export KUBECONFIG={}   (for every command below)",
             cluster.kubeconfig_path().display()
         );
-        let crds = install_crds(&client, redirector).await?;
+        let crds = crds_of(redirector)?;
+        let client = cluster.install(&crds, NS).await?;
         println!(
             "  CRDs from `redirector crds`: {} (established)",
-            crds.join(", ")
+            crds.iter()
+                .map(ResourceExt::name_any)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}}))?;
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .context("creating namespace shop")?;
         create(&client, baseline_deployment()?).await?;
         create(&client, baseline_service()?).await?;
         println!(
@@ -804,8 +802,8 @@ impl Probe {
     }
 }
 
-/// Creates the CRDs `redirector crds` prints and waits until the API server serves them.
-async fn install_crds(client: &Client, redirector: &Path) -> anyhow::Result<Vec<String>> {
+/// The CRDs `redirector crds` prints (the demo does not link redirector-user: see Cargo.toml).
+fn crds_of(redirector: &Path) -> anyhow::Result<Vec<CustomResourceDefinition>> {
     let out = Command::new(redirector)
         .arg("crds")
         .output()
@@ -816,46 +814,12 @@ async fn install_crds(client: &Client, redirector: &Path) -> anyhow::Result<Vec<
         String::from_utf8_lossy(&out.stderr).trim()
     );
     let text = String::from_utf8(out.stdout).context("`redirector crds` printed non-UTF-8")?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut names = Vec::new();
-    for doc in yaml_documents(&text) {
-        let crd: CustomResourceDefinition =
-            serde_yaml_ng::from_str(&doc).context("a CRD from `redirector crds`")?;
-        api.create(&PostParams::default(), &crd)
-            .await
-            .with_context(|| format!("creating CRD {}", crd.name_any()))?;
-        tokio::time::timeout(
-            WAIT,
-            await_condition(
-                api.clone(),
-                &crd.name_any(),
-                conditions::is_crd_established(),
-            ),
-        )
-        .await
-        .with_context(|| format!("CRD {} not established in time", crd.name_any()))??;
-        names.push(crd.name_any());
-    }
-    ensure!(!names.is_empty(), "`redirector crds` printed no CRD");
-    Ok(names)
-}
-
-/// The documents of a multi-document YAML stream that hold more than comments.
-fn yaml_documents(text: &str) -> Vec<String> {
-    let mut docs = vec![String::new()];
-    for line in text.lines() {
-        if line == "---" {
-            docs.push(String::new());
-        } else if let Some(doc) = docs.last_mut() {
-            doc.push_str(line);
-            doc.push('\n');
-        }
-    }
-    docs.retain(|d| {
-        d.lines()
-            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-    });
-    docs
+    let crds = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(CustomResourceDefinition::deserialize)
+        .collect::<Result<Vec<_>, _>>()
+        .context("a CRD from `redirector crds`")?;
+    ensure!(!crds.is_empty(), "`redirector crds` printed no CRD");
+    Ok(crds)
 }
 
 async fn create<K>(client: &Client, object: K) -> anyhow::Result<()>
@@ -898,26 +862,8 @@ async fn create_pod(
     pod: &Pod,
     labels: Value,
 ) -> anyhow::Result<Daemon> {
-    let name = pod.name.as_str();
-    let object: KubePod = serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": NS, "labels": labels},
-        "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "app"}]},
-    }))?;
-    let pods: Api<KubePod> = Api::namespaced(client.clone(), NS);
-    let created = pods
-        .create(&PostParams::default(), &object)
-        .await
-        .with_context(|| format!("creating Pod {NS}/{name}"))?;
-    let status = json!({"status": {
-        "phase": "Running",
-        "conditions": [{"type": "Ready", "status": "True"}],
-        "podIP": pod.ipv4.to_string(),
-        "podIPs": [{"ip": pod.ipv4.to_string()}, {"ip": pod.ipv6.to_string()}],
-    }});
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .with_context(|| format!("Pod {NS}/{name} status"))?;
-    pod.start_sandbox_process(node, &created.uid().context("the Pod has no uid")?)
+    let labels = serde_json::from_value(labels)?;
+    create_ready_pod(client, node, pod, (NS, &pod.name, NODE_NAME), &labels).await
 }
 
 fn baseline_deployment() -> anyhow::Result<Deployment> {
