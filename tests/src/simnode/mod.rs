@@ -318,6 +318,11 @@ impl Node {
     pub fn delete_pod_netns(&mut self, pod: &Pod) -> Result<()> {
         pod.check_node(self);
         let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // The CNI's part first: remove the veth pair (both ends go at once). Left to the
+        // namespace's teardown, which the kernel does asynchronously, the node-side end may
+        // still exist when the namespace is re-created, and plumbing it again would fail.
+        ip(&["-n", &self.netns, "link", "del", &pod.veth()])
+            .with_context(|| format!("deleting the veth of pod {}", pod.name))?;
         ip(&["netns", "delete", &pod.netns])
             .with_context(|| format!("deleting the namespace of pod {}", pod.name))?;
         Ok(())

@@ -337,33 +337,32 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 /// (program name, kernel tag) of every program attached to `cgroup`, sorted; the tag is the
 /// kernel's hash of the program's instructions, so it tells builds apart.
 pub fn attached_tags(cgroup: &Path) -> Vec<(String, String)> {
-    let bpftool = |args: &[&str]| -> serde_json::Value {
+    let bpftool = |args: &[&str]| -> Option<serde_json::Value> {
         let out = Command::new("bpftool")
             .arg("-j")
             .args(args)
             .output()
             .expect("bpftool (cargo xtask setup installs it)");
-        assert!(
-            out.status.success(),
-            "bpftool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
     };
     let cgroup = cgroup.to_string_lossy();
-    let attached = bpftool(&["cgroup", "show", &cgroup]);
+    let attached = bpftool(&["cgroup", "show", &cgroup]).expect("bpftool cgroup show");
     let mut tags: Vec<(String, String)> = attached
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default()
         .iter()
-        .map(|p| {
+        .filter_map(|p| {
             let id = p["id"].as_u64().expect("program id").to_string();
-            let prog = bpftool(&["prog", "show", "id", &id]);
-            (
+            // A program detached between the two calls (its last link was just released) is
+            // no longer attached: leave it out.
+            let prog = bpftool(&["prog", "show", "id", &id])?;
+            Some((
                 p["name"].as_str().unwrap_or("?").to_owned(),
                 prog["tag"].as_str().unwrap_or("?").to_owned(),
-            )
+            ))
         })
         .collect();
     tags.sort();
