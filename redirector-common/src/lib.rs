@@ -152,8 +152,14 @@ pub struct ServiceValue {
 pub struct MemberValue {
     /// Small integer the daemon assigns to a sandbox key; key strings stay in userspace.
     pub sandbox_id: u32,
-    pub _pad: u32,
+    /// `MEMBER_*` bits; 0 from daemons that predate them (this word was padding).
+    pub flags: u32,
 }
+
+/// [`MemberValue::flags`]: the member's sandbox has `inject_key`, so its connections to an HTTP
+/// service the sandbox forks go to the node router (which adds the key to its requests) rather
+/// than straight to the fork, while the router is up.
+pub const MEMBER_INJECT_KEY: u32 = 1;
 
 /// Key of `RDR_ROUTES` (value: [`RouteValue`]) and of `RDR_RSTATS`.
 #[repr(C)]

@@ -12,9 +12,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirector_common::{
-    EndpointKey, FAMILY_V4, FAMILY_V6, ROUTER_SOCKET_V4, ROUTER_SOCKET_V6, ROUTER_STALE_NS,
-    RevNatKey, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF, SOCK_STATE_REVNAT, ServiceKey, SockAddr,
-    SockState, endpoint_index, stats,
+    EndpointKey, FAMILY_V4, FAMILY_V6, MEMBER_INJECT_KEY, ROUTER_SOCKET_V4, ROUTER_SOCKET_V6,
+    ROUTER_STALE_NS, RevNatKey, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF, SOCK_STATE_REVNAT,
+    ServiceKey, SockAddr, SockState, endpoint_index, stats,
 };
 
 use crate::{
@@ -94,8 +94,10 @@ pub(crate) fn rev6(ctx: &SockAddrContext) {
 }
 
 /// Decides where this socket's connection goes instead of `dialed`, if anywhere: a sandbox
-/// member's fork (L4), or the node router for an HTTP service (L7). Records the reverse entry
-/// so the application keeps seeing `dialed`. `None` leaves the destination untouched.
+/// member's fork (L4), or the node router for an HTTP service (L7), also for a member whose
+/// sandbox injects its key (`MEMBER_INJECT_KEY`), falling back to its fork (L4) while the
+/// router is down. Records the reverse entry so the application keeps seeing `dialed`.
+/// `None` leaves the destination untouched.
 #[inline(always)]
 fn steer(ctx: &SockAddrContext, dialed: &SockAddr, hook: Forward) -> Option<SockAddr> {
     let key = ServiceKey {
@@ -115,13 +117,24 @@ fn steer(ctx: &SockAddrContext, dialed: &SockAddr, hook: Forward) -> Option<Sock
     // never mutated in place, by the daemon.
     let service = unsafe { *service };
 
+    let http = service.flags & SERVICE_HTTP_HANDOFF != 0;
     let target = match fork_of_member(ctx, service.service_id, dialed) {
-        Some((fork, route)) => {
+        // A member whose sandbox injects its key: to the router, which adds the key to each
+        // request and routes it to the fork; while the router is down, to the fork directly.
+        Some((fork, route, inject)) if http && inject => match handoff(ctx, dialed) {
+            Some(router) => router,
+            None => {
+                count(stats::STEERED);
+                count_route(&route);
+                fork
+            }
+        },
+        Some((fork, route, _)) => {
             count(stats::STEERED);
             count_route(&route);
             fork
         }
-        None if service.flags & SERVICE_HTTP_HANDOFF != 0 => handoff(ctx, dialed)?,
+        None if http => handoff(ctx, dialed)?,
         None => {
             count(stats::SERVICE_PASS);
             return None;
@@ -165,16 +178,18 @@ fn remember(ctx: &SockAddrContext, dialed: &SockAddr, target: SockAddr, hook: Fo
 }
 
 /// The fork this socket's pod must reach instead of the service, if the pod is a sandbox
-/// member and its sandbox forks the service.
+/// member and its sandbox forks the service, with whether the sandbox injects its key
+/// ([`MEMBER_INJECT_KEY`]).
 #[inline(always)]
 fn fork_of_member(
     ctx: &SockAddrContext,
     service_id: u32,
     dialed: &SockAddr,
-) -> Option<(SockAddr, RouteKey)> {
+) -> Option<(SockAddr, RouteKey, bool)> {
     let member = MEMBERS.get_ptr(&ctx::netns_cookie(ctx))?;
-    // SAFETY: pointer from a successful lookup, read at once.
-    let sandbox_id = unsafe { (*member).sandbox_id };
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    let member = unsafe { *member };
+    let sandbox_id = member.sandbox_id;
     let route = RouteKey {
         service_id,
         sandbox_id,
@@ -184,7 +199,8 @@ fn fork_of_member(
     let value = unsafe { *value };
     let fork = endpoint(ctx, &route, &value);
     // Cannot differ with a daemon-validated state; never rewrite across families.
-    (fork.family == dialed.family).then_some((fork, route))
+    let inject = member.flags & MEMBER_INJECT_KEY != 0;
+    (fork.family == dialed.family).then_some((fork, route, inject))
 }
 
 /// The endpoint of the route this socket uses (see `redirector_common::endpoint_index`).

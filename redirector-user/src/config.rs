@@ -279,6 +279,9 @@ struct RawSandbox {
     members: Vec<Spanned<String>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
+    /// Route members' requests that carry no key as this sandbox's, adding the key.
+    #[serde(default)]
+    inject_key: bool,
 }
 
 /// A route names its fork's endpoints with exactly one of `fork` and `forks`.
@@ -461,6 +464,40 @@ routes = [
             ForkErrorPolicy::Error
         );
         assert_eq!(config.state.route_count(), 2);
+    }
+
+    #[test]
+    fn inject_key_is_per_sandbox_and_off_by_default() {
+        let config = parse(
+            r#"
+[[service]]
+name = "web"
+address = "10.96.0.10:8080"
+protocol = "http"
+
+[[sandbox]]
+key = "pr-1"
+members = ["/run/netns/a"]
+inject_key = true
+routes = [{ service = "web", fork = "10.0.0.7:8080" }]
+
+[[sandbox]]
+key = "pr-2"
+routes = [{ service = "web", fork = "10.0.0.8:8080" }]
+"#,
+        )
+        .expect("valid");
+        assert!(config.state.sandboxes["pr-1"].inject_key);
+        assert!(!config.state.sandboxes["pr-2"].inject_key);
+        assert!(!parse(GOOD).unwrap().state.sandboxes["pr-123"].inject_key);
+    }
+
+    #[test]
+    fn inject_key_must_be_a_boolean() {
+        let errs = errors("[[sandbox]]\nkey = \"pr-1\"\ninject_key = \"yes\"\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("bool"), "{errs:?}");
+        assert_eq!(errs[0].line, 3, "{errs:?}");
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub struct Sandbox {
     pub members: Vec<PathBuf>,
     /// By service name.
     pub routes: BTreeMap<String, Route>,
+    /// Requests of members that carry no key are routed as this sandbox's and passed on with
+    /// the key added (members that do not propagate the key): their connections to the HTTP
+    /// services the sandbox forks go through the node router rather than straight to the fork.
+    pub inject_key: bool,
 }
 
 /// A routing key that stands for several sandboxes at once (testing two PRs that change
@@ -101,6 +105,8 @@ pub struct KeyRoutes {
     pub members: Vec<PathBuf>,
     /// By service name.
     pub routes: BTreeMap<String, Route>,
+    /// [`Sandbox::inject_key`]; always false for a group.
+    pub inject_key: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -131,6 +137,7 @@ impl DesiredState {
             key: s.key.clone(),
             members: s.members.clone(),
             routes: s.routes.clone(),
+            inject_key: s.inject_key,
         });
         let groups = self.groups.values().map(|g| KeyRoutes {
             key: g.key.clone(),
@@ -141,6 +148,7 @@ impl DesiredState {
                 .filter_map(|key| self.sandboxes.get(key))
                 .flat_map(|s| s.routes.iter().map(|(k, v)| (k.clone(), v.clone())))
                 .collect(),
+            inject_key: false,
         });
         sandboxes.chain(groups).collect()
     }
@@ -328,6 +336,7 @@ mod tests {
                         Route::new([fork.parse().unwrap()], ForkErrorPolicy::Error).unwrap(),
                     )]
                     .into(),
+                    inject_key: false,
                 },
             );
         }

@@ -243,6 +243,7 @@ routes = [{ service = "a", fork = "10.0.0.9:80" }]
             key: key.into(),
             members: vec![],
             routes: vec![RouteSpec::new(service, [fork], ForkErrorPolicy::Error)],
+            inject_key: false,
         }
     }
 

@@ -42,6 +42,11 @@ pub struct SandboxSpec {
     pub members: Vec<PathBuf>,
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// Members' requests that carry no key are routed as this sandbox's, with the key added.
+    /// Off when absent (clients and state files from before it); left out when off, so that
+    /// state files stay readable by daemons from before it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inject_key: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +290,7 @@ impl SandboxSpec {
             key: self.key.clone(),
             members: self.members.clone(),
             routes,
+            inject_key: self.inject_key,
         }
     }
 
@@ -297,6 +303,7 @@ impl SandboxSpec {
                 .iter()
                 .map(|(service, route)| RouteSpec::from_state(service, route))
                 .collect(),
+            inject_key: sandbox.inject_key,
         }
     }
 }
@@ -505,6 +512,7 @@ mod tests {
                 key: "k".into(),
                 members: vec!["relative".into()],
                 routes: vec![RouteSpec::new("a", ["10.0.0.1:0"], ForkErrorPolicy::Error)],
+                inject_key: false,
             }],
             groups: vec![],
         };
@@ -521,6 +529,24 @@ mod tests {
                 "sandbox \"k\" route \"a\" forks[0]",
                 "sandbox \"k\" members"
             ]
+        );
+    }
+
+    #[test]
+    fn inject_key_is_off_unless_given_and_carried_to_the_state() {
+        let old: SandboxSpec = serde_json::from_str(r#"{"key": "k"}"#).unwrap();
+        assert!(!old.inject_key);
+        assert!(!old.to_state(&mut Vec::new()).inject_key);
+        let on: SandboxSpec = serde_json::from_str(r#"{"key": "k", "inject_key": true}"#).unwrap();
+        let state = on.to_state(&mut Vec::new());
+        assert!(state.inject_key);
+        assert!(SandboxSpec::from_state(&state).inject_key);
+        assert_eq!(serde_json::to_value(&on).unwrap()["inject_key"], true);
+        assert!(
+            serde_json::to_value(&old)
+                .unwrap()
+                .get("inject_key")
+                .is_none()
         );
     }
 

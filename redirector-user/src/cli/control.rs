@@ -112,6 +112,10 @@ pub struct SandboxCreateArgs {
     /// What the node router does when a fork is down.
     #[arg(long, value_enum, default_value_t = PolicyArg::Error)]
     pub on_fork_error: PolicyArg,
+    /// Route the members' requests to HTTP services that carry no routing key as this
+    /// sandbox's, adding the key (for members that do not propagate it).
+    #[arg(long)]
+    pub inject_key: bool,
     #[command(flatten)]
     pub api: ApiArgs,
 }
@@ -391,6 +395,7 @@ pub async fn sandbox(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
                     .into_iter()
                     .map(|r| RouteSpec::new(r.service, r.forks, args.on_fork_error.into()))
                     .collect(),
+                inject_key: args.inject_key,
             };
             put(&args.api, "sandboxes", &args.key, spec, "sandbox").await
         }
@@ -551,6 +556,20 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn sandbox_create_injects_the_key_only_when_asked() {
+        let inject = |extra: &[&str]| {
+            let mut args = vec!["sandbox", "create", "pr-1"];
+            args.extend(extra);
+            match parse(&args) {
+                Ok(Command::Sandbox(SandboxCommand::Create(args))) => args.inject_key,
+                _ => panic!("sandbox create parses"),
+            }
+        };
+        assert!(!inject(&[]));
+        assert!(inject(&["--inject-key"]));
     }
 
     #[test]

@@ -172,6 +172,7 @@ impl Validator<'_> {
                 key,
                 members,
                 routes,
+                inject_key: raw.inject_key,
             });
         }
         state

@@ -152,6 +152,7 @@ mod tests {
                     key: (*key).into(),
                     members: Vec::new(),
                     routes,
+                    inject_key: false,
                 },
             );
         }

@@ -141,6 +141,7 @@ mod tests {
                         ForkErrorPolicy::Error,
                     ),
                 ],
+                inject_key: false,
             }],
             ..StateSpec::default()
         };

@@ -11,7 +11,7 @@ use crate::{
         netns,
         programs::Kernel,
     },
-    router::RouteTable,
+    router::{RouteTable, table::MemberAddresses},
     state::DesiredState,
 };
 
@@ -28,6 +28,12 @@ pub struct Sync {
     pub written: Option<KernelState>,
     /// The member cookies the kernel holds, by path, as of the last apply.
     pub resolved: MemberCookies,
+    /// The addresses of the members of sandboxes with `inject_key`, as of the last apply.
+    addresses: MemberAddresses,
+    /// The cookie of the daemon's own network namespace (the node's, for a DaemonSet), read
+    /// once: a member there shares the node's addresses with every host-network process, so
+    /// its addresses cannot tell its requests apart.
+    own_netns: Option<Option<u64>>,
     pub unresolved_members: usize,
 }
 
@@ -45,25 +51,27 @@ impl Sync {
             ids: None,
             written: None,
             resolved: MemberCookies::new(),
+            addresses: MemberAddresses::new(),
+            own_netns: None,
             unresolved_members: 0,
         }
     }
 
     /// Makes the kernel hold `desired`, with every member path resolved now.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<Applied, SyncError> {
-        let cookies = self.resolve_members(desired);
-        self.apply_resolved(desired, cookies)
+        let (cookies, addresses) = self.resolve_members(desired);
+        self.apply_resolved(desired, cookies, addresses)
     }
 
     /// Reads every member path's cookie again and applies `desired` if one differs from what
     /// the kernel holds: a pod whose namespace appeared, went, or was replaced at the same path.
     /// Returns whether anything was applied.
     pub fn follow_members(&mut self, desired: &DesiredState) -> Result<bool, SyncError> {
-        let cookies = self.resolve_members(desired);
-        if self.written.is_some() && cookies == self.resolved {
+        let (cookies, addresses) = self.resolve_members(desired);
+        if self.written.is_some() && cookies == self.resolved && addresses == self.addresses {
             return Ok(false);
         }
-        self.apply_resolved(desired, cookies)?;
+        self.apply_resolved(desired, cookies, addresses)?;
         Ok(true)
     }
 
@@ -71,6 +79,7 @@ impl Sync {
         &mut self,
         desired: &DesiredState,
         cookies: MemberCookies,
+        addresses: MemberAddresses,
     ) -> Result<Applied, SyncError> {
         let current = match self.written.take() {
             Some(state) => state,
@@ -96,28 +105,55 @@ impl Sync {
             }
         }
         self.ids = Some(ids);
-        self.table.store(Arc::new(RouteTable::from_state(desired)));
+        self.table
+            .store(Arc::new(RouteTable::with_members(desired, &addresses)));
         let members = encoded.members.len();
         self.written = Some(encoded);
         self.resolved = cookies;
+        self.addresses = addresses;
         Ok(Applied { members, changed })
     }
 
     /// The cookie of every member path of `desired` now. Paths that do not resolve are left
     /// out (their pods are gone or not there yet), so their old cookies leave the kernel.
-    fn resolve_members(&mut self, desired: &DesiredState) -> MemberCookies {
+    /// The members of sandboxes with `inject_key` also have their addresses read, for the
+    /// router to know their requests.
+    fn resolve_members(&mut self, desired: &DesiredState) -> (MemberCookies, MemberAddresses) {
         let keys = desired.routing_keys();
-        let owners: HashMap<&Path, &str> = keys
+        let owners: HashMap<&Path, (&str, bool)> = keys
             .iter()
-            .flat_map(|s| s.members.iter().map(|p| (p.as_path(), s.key.as_str())))
+            .flat_map(|s| {
+                s.members
+                    .iter()
+                    .map(|p| (p.as_path(), (s.key.as_str(), s.inject_key)))
+            })
             .collect();
         let mut cookies = MemberCookies::new();
+        let mut addresses = MemberAddresses::new();
         let mut unresolved = 0;
-        for (path, result) in netns::resolve_all(owners.keys().copied()) {
-            let sandbox = owners.get(path.as_path()).copied().unwrap_or_default();
+        let asked = owners.iter().map(|(path, (_, inject))| (*path, *inject));
+        let own_netns = *self
+            .own_netns
+            .get_or_insert_with(|| netns::cookie(Path::new("/proc/self/ns/net")).ok());
+        for (path, result) in netns::resolve_with_addresses(asked) {
+            let sandbox = owners.get(path.as_path()).map_or("", |(key, _)| *key);
             let before = self.resolved.get(&path).copied();
             match result {
-                Ok(cookie) => {
+                Ok(netns::Member {
+                    cookie,
+                    addresses: listed,
+                }) => {
+                    if let Some(listed) = listed {
+                        if Some(cookie) == own_netns {
+                            if before != Some(cookie) {
+                                warn!(sandbox, member = %path.display(),
+                                    "member in the daemon's own network namespace: \
+                                    no key is injected for it");
+                            }
+                        } else {
+                            addresses.insert(path.clone(), listed);
+                        }
+                    }
                     if let Some(before) = before.filter(|b| *b != cookie) {
                         info!(sandbox, member = %path.display(), old_cookie = before, cookie,
                             "member namespace replaced; following the new one");
@@ -137,6 +173,6 @@ impl Sync {
             }
         }
         self.unresolved_members = unresolved;
-        cookies
+        (cookies, addresses)
     }
 }

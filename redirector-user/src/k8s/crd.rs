@@ -75,6 +75,11 @@ pub struct SandboxSpec {
     /// to a forked service reach the fork. A fork's own pods belong to it without being listed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberSelector>,
+    /// Members' HTTP requests that carry no routing key are routed as this sandbox's and
+    /// passed on with the key added to `baggage` (for members that do not propagate the key).
+    /// Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inject_key: bool,
 }
 
 /// One forked service: either a fork that runs already (`service` and `to`), or one the
@@ -570,6 +575,7 @@ spec:
                 ttl: None,
                 forks: Vec::new(),
                 members: Vec::new(),
+                inject_key: false,
             },
         );
         assert_eq!(sandbox.routing_key(), "pr-1");

@@ -202,6 +202,7 @@ pub fn derive(
                 key,
                 members,
                 routes,
+                inject_key: sandbox.spec.inject_key,
             },
         );
     }
@@ -943,6 +944,18 @@ mod tests {
                 PathBuf::from("/proc/member/ns/net")
             ]
         );
+    }
+
+    #[test]
+    fn inject_key_is_carried_from_the_sandbox() {
+        let mut snapshot = world();
+        let derived = derive_claimed(&snapshot, &netns_for_all(&snapshot));
+        assert!(!derived.state.sandboxes["pr-1"].inject_key);
+        let mut spec = fork_of("svc-a", "svc-a-fork");
+        spec["injectKey"] = json!(true);
+        snapshot.sandboxes = vec![sandbox("pr-1", spec)];
+        let derived = derive_claimed(&snapshot, &netns_for_all(&snapshot));
+        assert!(derived.state.sandboxes["pr-1"].inject_key);
     }
 
     #[test]

@@ -9,11 +9,13 @@
 use std::{
     fs::File,
     io,
+    net::IpAddr,
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
 use nix::sched::{CloneFlags, setns};
+use tracing::warn;
 
 /// Why a member path does not name a usable network namespace.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +63,29 @@ pub fn cookie(path: &Path) -> Result<u64, NetnsError> {
 pub fn resolve_all<'a>(
     paths: impl IntoIterator<Item = &'a Path>,
 ) -> Vec<(PathBuf, Result<u64, NetnsError>)> {
-    let paths: Vec<PathBuf> = paths.into_iter().map(Path::to_owned).collect();
+    resolve_with_addresses(paths.into_iter().map(|path| (path, false)))
+        .into_iter()
+        .map(|(path, result)| (path, result.map(|member| member.cookie)))
+        .collect()
+}
+
+/// A member namespace as [`resolve_with_addresses`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub cookie: u64,
+    /// The addresses configured in it, when asked for (empty when they could not be read).
+    pub addresses: Option<Vec<IpAddr>>,
+}
+
+/// As [`resolve_all`], and for each path paired with `true`, also the addresses configured in
+/// the namespace (on any interface), read while the worker is inside it.
+pub fn resolve_with_addresses<'a>(
+    paths: impl IntoIterator<Item = (&'a Path, bool)>,
+) -> Vec<(PathBuf, Result<Member, NetnsError>)> {
+    let (paths, want): (Vec<PathBuf>, Vec<bool>) = paths
+        .into_iter()
+        .map(|(path, addresses)| (path.to_owned(), addresses))
+        .unzip();
     let worker = {
         let paths = paths.clone();
         std::thread::Builder::new()
@@ -74,12 +98,23 @@ pub fn resolve_all<'a>(
                 paths
                     .into_iter()
                     .zip(opened)
-                    .map(|(path, file)| {
+                    .zip(want)
+                    .map(|((path, file), want)| {
                         let result = file.and_then(|file| {
-                            enter_and_read_cookie(&file).map_err(|source| NetnsError::Cookie {
-                                path: path.clone(),
-                                source,
-                            })
+                            let cookie = enter_and_read_cookie(&file).map_err(|source| {
+                                NetnsError::Cookie {
+                                    path: path.clone(),
+                                    source,
+                                }
+                            })?;
+                            let addresses = want.then(|| {
+                                local_addresses().unwrap_or_else(|err| {
+                                    warn!(member = %path.display(), error = %err,
+                                        "cannot read the member namespace's addresses");
+                                    Vec::new()
+                                })
+                            });
+                            Ok(Member { cookie, addresses })
                         });
                         (path, result)
                     })
@@ -117,17 +152,7 @@ pub fn addresses(path: &Path) -> Result<Vec<std::net::IpAddr>, NetnsError> {
         scope
             .spawn(|| -> io::Result<Vec<std::net::IpAddr>> {
                 setns(&file, CloneFlags::CLONE_NEWNET)?;
-                let addresses = nix::ifaddrs::getifaddrs()?
-                    .filter_map(|ifa| ifa.address)
-                    .filter_map(|addr| {
-                        addr.as_sockaddr_in()
-                            .map(|a| std::net::IpAddr::V4(a.ip()))
-                            .or_else(|| {
-                                addr.as_sockaddr_in6().map(|a| std::net::IpAddr::V6(a.ip()))
-                            })
-                    })
-                    .collect();
-                Ok(addresses)
+                local_addresses()
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
@@ -136,6 +161,19 @@ pub fn addresses(path: &Path) -> Result<Vec<std::net::IpAddr>, NetnsError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// The addresses configured in the calling thread's network namespace.
+fn local_addresses() -> io::Result<Vec<IpAddr>> {
+    let addresses = nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|addr| {
+            addr.as_sockaddr_in()
+                .map(|a| IpAddr::V4(a.ip()))
+                .or_else(|| addr.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+        })
+        .collect();
+    Ok(addresses)
 }
 
 /// Opens `path` as a namespace file without ever blocking, and refuses anything not on nsfs.
@@ -207,6 +245,18 @@ mod tests {
         assert!(matches!(results[1].1, Err(NetnsError::Open { .. })));
         assert_eq!(*results[2].1.as_ref().expect("own netns again"), first);
         assert_eq!(results[1].0, missing);
+    }
+
+    #[test]
+    fn addresses_are_read_only_when_asked_for() {
+        let own = Path::new("/proc/self/ns/net");
+        let results = resolve_with_addresses([(own, true), (own, false)]);
+        let with = results[0].1.as_ref().expect("own netns");
+        let without = results[1].1.as_ref().expect("own netns");
+        assert_eq!(with.cookie, without.cookie);
+        assert_eq!(without.addresses, None);
+        let listed = with.addresses.as_ref().expect("asked for");
+        assert_eq!(listed, &addresses(own).expect("addresses of own netns"));
     }
 
     #[test]

@@ -124,7 +124,7 @@ fn refuse(acceptor: &Acceptor, stream: TcpStream, peer: SocketAddr) {
 async fn serve(acceptor: Arc<Acceptor>, stream: TcpStream, peer: SocketAddr, dialed: SocketAddr) {
     let proxy = acceptor.proxy.clone();
     // Lives as long as the connection; its HTTP/2 upstream connections with it.
-    let client = Arc::new(Client::new(dialed, &proxy.upstreams));
+    let client = Arc::new(Client::new(dialed, peer.ip(), &proxy.upstreams));
     let activity = Activity::new();
     let service = service_fn({
         let activity = activity.clone();

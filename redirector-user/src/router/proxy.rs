@@ -5,8 +5,14 @@
 //! propagating downstream); the router adds at most one response header naming the upstream.
 //! A key that came by query parameter or cookie (`key_from`) is the exception: the request
 //! gains a `baggage` member with it, and, for a query parameter and `set_cookie`, the response
-//! gains a `Set-Cookie`.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+//! gains a `Set-Cookie`. A request without a key from a member of a sandbox with `inject_key`
+//! is routed as that sandbox's and gains its key in `baggage` too.
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -19,12 +25,12 @@ use tracing::{debug, warn};
 use super::{
     reply::{self, Cause},
     stats::RouterStats,
-    table::{BaselineWhy, Decision, RouteTable},
+    table::{BaselineWhy, Decision, RouteTable, ServiceRoutes},
     upstream::{ClientUpstreams, SendError, UpstreamBody, UpstreamError, Upstreams},
 };
 use crate::{
     metrics::{Metrics, outcome},
-    routing_key::{self, Carriers, Found, KeyFrom, KeySources},
+    routing_key::{self, Carriers, Extracted, Found, KeyFrom, KeySources},
     state::ForkErrorPolicy,
 };
 
@@ -72,14 +78,17 @@ impl Served<'_> {
 pub struct Client {
     /// Where the connection was going when the kernel handed it over.
     pub dialed: SocketAddr,
+    /// The client's address (the hand-off keeps it): who the request comes from.
+    pub peer: IpAddr,
     /// Its upstream connections (HTTP/2 ones are its own; see `upstream`).
     pub upstreams: ClientUpstreams,
 }
 
 impl Client {
-    pub fn new(dialed: SocketAddr, upstreams: &Upstreams) -> Client {
+    pub fn new(dialed: SocketAddr, peer: IpAddr, upstreams: &Upstreams) -> Client {
         Client {
             dialed,
+            peer,
             upstreams: upstreams.for_client(),
         }
     }
@@ -103,13 +112,15 @@ impl Proxy {
         client: &Client,
         mut req: Request<Incoming>,
     ) -> (Response<ProxyBody>, String, &'static str) {
-        let (decision, found, sources) = {
+        let (decision, found, sources, injected) = {
             let table = self.table.load();
             match table.service(client.dialed) {
                 Some(service) => {
                     let sources = *service.key_sources();
                     let found = self.carriers.find(&req, &sources);
-                    (service.decide(&found.key), found, sources)
+                    let client_key = table.injected_key(client.peer);
+                    let (decision, injected) = decide(service, &found, client_key);
+                    (decision, found, sources, injected)
                 }
                 None => (
                     Decision::Baseline {
@@ -117,6 +128,7 @@ impl Proxy {
                     },
                     Found::absent(),
                     KeySources::default(),
+                    None,
                 ),
             }
         };
@@ -124,6 +136,10 @@ impl Proxy {
         let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), client_upgrade.is_some());
         let set_cookie = self.pass_on_edge_key(&mut req, &found, &sources);
+        if let Some(key) = &injected {
+            routing_key::add_to_baggage(req.headers_mut(), self.carriers.key_name(), key);
+            RouterStats::bump(&self.stats.keys_injected);
+        }
 
         let (mut response, sandbox, outcome) =
             self.forward(client, req, &decision, client_upgrade).await;
@@ -259,6 +275,24 @@ impl Proxy {
     }
 }
 
+/// Where a request to `service` goes, given the key `found` in it and the key of the client's
+/// sandbox if that sandbox injects it (`inject_key`). A request that names a key in any
+/// carrier it may use, even an invalid one, is routed on it alone; one that names none, from
+/// such a client, is routed as that sandbox's, and the key to add to it is returned too.
+fn decide(
+    service: &ServiceRoutes,
+    found: &Found,
+    client_key: Option<&str>,
+) -> (Decision, Option<String>) {
+    match (&found.key, client_key) {
+        (Extracted::Absent, Some(key)) => (
+            service.decide(&Extracted::Key(key.to_owned())),
+            Some(key.to_owned()),
+        ),
+        _ => (service.decide(&found.key), None),
+    }
+}
+
 /// Removes the hop-by-hop headers of the client's connection (RFC 9110 7.6.1) so they do not
 /// steer the router's pooled upstream connection: a client's `Connection: close` must not cost
 /// a fresh upstream connection per request. End-to-end headers (the routing key's carriers
@@ -320,6 +354,107 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    fn web() -> RouteTable {
+        let config = crate::config::parse(
+            r#"
+[[service]]
+name = "web"
+address = "10.96.0.10:8080"
+protocol = "http"
+
+[[sandbox]]
+key = "pr-1"
+routes = [{ service = "web", fork = "10.0.0.7:8080" }]
+inject_key = true
+
+[[sandbox]]
+key = "pr-2"
+routes = [{ service = "web", fork = "10.0.0.8:8080" }]
+"#,
+        )
+        .expect("valid");
+        RouteTable::from_state(&config.state)
+    }
+
+    fn found(key: Extracted) -> Found {
+        Found {
+            key,
+            via: Some(KeyFrom::Header),
+        }
+    }
+
+    fn fork_of(decision: &Decision) -> Option<(&str, SocketAddr)> {
+        match decision {
+            Decision::Fork { key, fork, .. } => Some((key.as_str(), fork.addr)),
+            Decision::Baseline { .. } => None,
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_key_from_an_injecting_member_goes_as_its_sandbox() {
+        let table = web();
+        let service = table.service("10.96.0.10:8080".parse().unwrap()).unwrap();
+        let (decision, injected) = decide(service, &Found::absent(), Some("pr-1"));
+        assert_eq!(
+            fork_of(&decision),
+            Some(("pr-1", "10.0.0.7:8080".parse().unwrap()))
+        );
+        assert_eq!(injected.as_deref(), Some("pr-1"));
+        // What `route` then does with the request's headers.
+        let mut h = headers(&[("baggage", "user=alice")]);
+        routing_key::add_to_baggage(&mut h, "sd-routing-key", injected.as_deref().unwrap());
+        assert_eq!(h["baggage"], "user=alice,sd-routing-key=pr-1");
+
+        // A key of the member's sandbox without a fork of this service: the baseline, with
+        // the key passed on all the same.
+        let (decision, injected) = decide(service, &Found::absent(), Some("pr-9"));
+        assert_eq!(
+            decision,
+            Decision::Baseline {
+                why: BaselineWhy::NoRoute
+            }
+        );
+        assert_eq!(injected.as_deref(), Some("pr-9"));
+    }
+
+    #[test]
+    fn a_request_with_a_key_keeps_it_whoever_sends_it() {
+        let table = web();
+        let service = table.service("10.96.0.10:8080".parse().unwrap()).unwrap();
+        let other = found(Extracted::Key("pr-2".into()));
+        let (decision, injected) = decide(service, &other, Some("pr-1"));
+        assert_eq!(
+            fork_of(&decision),
+            Some(("pr-2", "10.0.0.8:8080".parse().unwrap()))
+        );
+        assert_eq!(injected, None);
+        let (decision, injected) = decide(service, &found(Extracted::Invalid), Some("pr-1"));
+        assert_eq!(
+            decision,
+            Decision::Baseline {
+                why: BaselineWhy::InvalidKey
+            }
+        );
+        assert_eq!(injected, None);
+    }
+
+    #[test]
+    fn a_client_of_no_injecting_sandbox_is_routed_as_before() {
+        let table = web();
+        let service = table.service("10.96.0.10:8080".parse().unwrap()).unwrap();
+        let (decision, injected) = decide(service, &Found::absent(), None);
+        assert_eq!(
+            decision,
+            Decision::Baseline {
+                why: BaselineWhy::NoKey
+            }
+        );
+        assert_eq!(injected, None);
+        let (decision, injected) = decide(service, &found(Extracted::Key("pr-2".into())), None);
+        assert_eq!(fork_of(&decision).map(|(k, _)| k), Some("pr-2"));
+        assert_eq!(injected, None);
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub struct RouterStats {
     pub keys_from_query: AtomicU64,
     /// Valid keys that came by cookie, passed on in `baggage`.
     pub keys_from_cookie: AtomicU64,
+    /// Requests without a key from members of a sandbox with `inject_key`, routed as that
+    /// sandbox's and passed on with its key added to `baggage`.
+    pub keys_injected: AtomicU64,
     /// Responses that set the routing-key cookie (`set_cookie`).
     pub cookies_set: AtomicU64,
     /// Fork unreachable, answered 502 (policy `error`).
@@ -60,6 +63,7 @@ impl RouterStats {
             ("keys_from_query", &self.keys_from_query),
             ("keys_from_cookie", &self.keys_from_cookie),
             ("cookies_set", &self.cookies_set),
+            ("keys_injected", &self.keys_injected),
             ("fork_error", &self.fork_error),
             ("fork_fallback", &self.fork_fallback),
             ("upstream_errors", &self.upstream_errors),

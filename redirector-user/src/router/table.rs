@@ -3,11 +3,18 @@
 //! Rebuilt from the desired state on every apply and swapped in atomically, so the very next
 //! request sees a route change, including requests on connections opened before it. A fork
 //! with several endpoints gets its requests round-robin, one endpoint per request.
+//!
+//! It also knows the clients whose sandbox injects its key (`inject_key`), by the addresses of
+//! the member pods' network namespaces: a connection the kernel hands over keeps its source
+//! address, and pods on a node have addresses of their own.
 use std::{
-    collections::HashMap,
-    net::SocketAddr,
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
 };
+
+use tracing::warn;
 
 use crate::{
     routing_key::{Extracted, KeySources},
@@ -18,7 +25,14 @@ use crate::{
 pub struct RouteTable {
     /// By the service address as connections dial it (canonical: no v4-mapped IPv6).
     services: HashMap<SocketAddr, ServiceRoutes>,
+    /// The routing key of each client address (canonical) that belongs to a member of a
+    /// sandbox with `inject_key`.
+    clients: HashMap<IpAddr, String>,
 }
+
+/// The addresses configured in member namespaces, by member path; read only for the members
+/// of sandboxes with `inject_key` (see `kernel::netns::resolve_all`).
+pub type MemberAddresses = HashMap<PathBuf, Vec<IpAddr>>;
 
 /// One HTTP service with forks, as the router sees it.
 #[derive(Debug)]
@@ -120,7 +134,52 @@ pub enum BaselineWhy {
 }
 
 impl RouteTable {
+    /// The table without clients to inject keys for (see [`RouteTable::with_members`]).
     pub fn from_state(state: &DesiredState) -> RouteTable {
+        RouteTable::with_members(state, &MemberAddresses::new())
+    }
+
+    /// The table, with the clients at `addresses` that are members of a sandbox with
+    /// `inject_key`. An address that several keys' members share (pods in the host's network
+    /// namespace, say) stands for none of them: the router could not tell whose request it is.
+    pub fn with_members(state: &DesiredState, addresses: &MemberAddresses) -> RouteTable {
+        let mut table = RouteTable::services_of(state);
+        let mut shared = HashSet::new();
+        for sandbox in state.routing_keys().iter().filter(|s| s.inject_key) {
+            for ip in sandbox
+                .members
+                .iter()
+                .filter_map(|path| addresses.get(path))
+                .flatten()
+                .map(IpAddr::to_canonical)
+                .filter(|ip| client_address(*ip))
+            {
+                match table.clients.get(&ip) {
+                    Some(other) if *other != sandbox.key => {
+                        shared.insert(ip);
+                    }
+                    _ => {
+                        table.clients.insert(ip, sandbox.key.clone());
+                    }
+                }
+            }
+        }
+        for ip in shared {
+            if let Some(key) = table.clients.remove(&ip) {
+                warn!(%ip, key, "members of several sandboxes have this address; \
+                    requests from it get no key injected");
+            }
+        }
+        table
+    }
+
+    /// The key to inject into the requests of the client at `ip` that carry none, if it is a
+    /// member of a sandbox with `inject_key`.
+    pub fn injected_key(&self, ip: IpAddr) -> Option<&str> {
+        self.clients.get(&ip.to_canonical()).map(String::as_str)
+    }
+
+    fn services_of(state: &DesiredState) -> RouteTable {
         let mut services: HashMap<SocketAddr, ServiceRoutes> = HashMap::new();
         let keys = state.routing_keys();
         for service in state.services.values() {
@@ -159,7 +218,10 @@ impl RouteTable {
                 );
             }
         }
-        RouteTable { services }
+        RouteTable {
+            services,
+            clients: HashMap::new(),
+        }
     }
 
     /// The HTTP service with forks at `dialed`, if any: only those are routed.
@@ -174,6 +236,15 @@ impl RouteTable {
                 why: BaselineWhy::UnknownService,
             },
         }
+    }
+}
+
+/// Whether a member's address can tell its connections apart: not loopback (every namespace
+/// has it), unspecified, or IPv6 link-local (not unique across links).
+fn client_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unspecified() && !v6.is_unicast_link_local(),
     }
 }
 
@@ -312,6 +383,63 @@ routes = [{ service = "web", fork = "10.0.0.7:8080" }, { service = "api", fork =
         let api = t.service("10.96.0.11:8080".parse().unwrap()).unwrap();
         assert_eq!(*api.key_sources(), KeySources::default());
         assert!(t.service("10.96.0.12:8080".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn clients_of_sandboxes_with_inject_key_are_known_by_address() {
+        let config = config::parse(
+            r#"
+[[service]]
+name = "web"
+address = "10.96.0.10:8080"
+protocol = "http"
+
+[[sandbox]]
+key = "pr-1"
+members = ["/run/netns/a", "/run/netns/shared-1"]
+inject_key = true
+routes = [{ service = "web", fork = "10.0.0.7:8080" }]
+
+[[sandbox]]
+key = "pr-2"
+members = ["/run/netns/b", "/run/netns/shared-2"]
+inject_key = true
+
+[[sandbox]]
+key = "pr-3"
+members = ["/run/netns/c"]
+"#,
+        )
+        .expect("valid");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addresses = MemberAddresses::from([
+            (
+                PathBuf::from("/run/netns/a"),
+                vec![ip("127.0.0.1"), ip("::1"), ip("10.1.0.2"), ip("fe80::1")],
+            ),
+            (PathBuf::from("/run/netns/b"), vec![ip("fd00:1::3")]),
+            (PathBuf::from("/run/netns/c"), vec![ip("10.1.0.4")]),
+            (PathBuf::from("/run/netns/shared-1"), vec![ip("10.9.0.1")]),
+            (PathBuf::from("/run/netns/shared-2"), vec![ip("10.9.0.1")]),
+        ]);
+        let t = RouteTable::with_members(&config.state, &addresses);
+        assert_eq!(t.injected_key(ip("10.1.0.2")), Some("pr-1"));
+        assert_eq!(t.injected_key(ip("::ffff:10.1.0.2")), Some("pr-1"));
+        assert_eq!(t.injected_key(ip("fd00:1::3")), Some("pr-2"));
+        for none in [
+            "10.1.0.4",
+            "127.0.0.1",
+            "::1",
+            "fe80::1",
+            "10.9.0.1",
+            "10.1.0.9",
+        ] {
+            assert_eq!(t.injected_key(ip(none)), None, "{none}");
+        }
+        assert_eq!(
+            RouteTable::from_state(&config.state).injected_key(ip("10.1.0.2")),
+            None
+        );
     }
 
     #[test]

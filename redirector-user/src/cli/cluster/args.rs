@@ -99,6 +99,10 @@ pub struct CreateArgs {
     /// Pods that belong to the sandbox, by labels (repeatable: one selector per flag).
     #[arg(long = "member", value_name = "LABEL=VALUE[,LABEL=VALUE...]", value_parser = parse_member)]
     pub members: Vec<MemberArg>,
+    /// Route the members' HTTP requests that carry no routing key as this sandbox's, adding
+    /// the key (`spec.injectKey`, for members that do not propagate it).
+    #[arg(long)]
+    pub inject_key: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
     /// Output format (with json, progress goes to stderr and the object to stdout).
@@ -290,6 +294,7 @@ impl CreateArgs {
                     },
                 })
                 .collect(),
+            inject_key: self.inject_key,
         })
     }
 }
@@ -674,6 +679,18 @@ mod tests {
                 }],
                 "members": [{"labelSelector": {"matchLabels": {"job": "t"}}}]
             })
+        );
+    }
+
+    #[test]
+    fn inject_key_is_set_only_when_asked() {
+        let off = spec(&["--fork", "svc-a=img:1"]).expect("spec");
+        assert!(!off.inject_key);
+        let on = spec(&["--fork", "svc-a=img:1", "--inject-key"]).expect("spec");
+        assert!(on.inject_key);
+        assert_eq!(
+            serde_json::to_value(&on).expect("serializes")["injectKey"],
+            true
         );
     }
 

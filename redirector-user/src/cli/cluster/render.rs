@@ -318,6 +318,7 @@ mod tests {
                     },
                 ],
                 members: vec![],
+                inject_key: false,
             },
         );
         sb.metadata.namespace = Some("shop".into());

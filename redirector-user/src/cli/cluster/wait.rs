@@ -369,6 +369,7 @@ mod tests {
                 ttl: None,
                 forks: Vec::new(),
                 members: Vec::new(),
+                inject_key: false,
             },
         );
         sb.metadata.generation = Some(generation);

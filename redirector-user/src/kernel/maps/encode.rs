@@ -7,8 +7,8 @@ use std::{
 };
 
 use redirector_common::{
-    EndpointKey, FAMILY_V4, FAMILY_V6, MemberValue, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF,
-    ServiceKey, ServiceValue, SockAddr,
+    EndpointKey, FAMILY_V4, FAMILY_V6, MEMBER_INJECT_KEY, MemberValue, RouteKey, RouteValue,
+    SERVICE_HTTP_HANDOFF, ServiceKey, ServiceValue, SockAddr,
 };
 
 use super::KernelState;
@@ -205,7 +205,11 @@ pub fn encode(
                     *cookie,
                     MemberValue {
                         sandbox_id,
-                        _pad: 0,
+                        flags: if sandbox.inject_key {
+                            MEMBER_INJECT_KEY
+                        } else {
+                            0
+                        },
                     },
                 );
             }

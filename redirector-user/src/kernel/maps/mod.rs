@@ -201,6 +201,7 @@ mod tests {
                     key: key.to_string(),
                     members: vec![PathBuf::from(format!("/run/netns/{key}"))],
                     routes: BTreeMap::new(),
+                    inject_key: false,
                 });
             // "a,b,c": a fork with several endpoints.
             let forks = fork.split(',').map(|f| f.parse().unwrap());
