@@ -1,14 +1,16 @@
 //! What a user would run instead: iptables DNAT rules the way kube-proxy writes them, and nginx
-//! routing on the baggage header.
+//! and HAProxy routing on the baggage header.
 use std::{
+    ffi::OsString,
     fmt::Write as _,
     net::SocketAddr,
-    process::Stdio,
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use redirector_tests::Daemon;
+use redirector_tests::{Daemon, Pod};
 
 use super::{
     sys::{self, SERVER_CPU, Tools},
@@ -69,7 +71,14 @@ pub fn iptables(tools: &Tools, topo: &Topo, rules: usize) -> anyhow::Result<()> 
 /// nginx in the `proxy` pod, one worker on the servers' CPU (the router gets the same one),
 /// routing every request on its baggage header: the pr-100 key to the fork, anything else to
 /// the baseline, over pooled keep-alive upstream connections as the router does.
-pub fn start_nginx(tools: &Tools, topo: &Topo) -> anyhow::Result<Daemon> {
+///
+/// `wrap`: a command line to run nginx under (valgrind); nginx then runs as one process (no
+/// master), so the process counted is the one that routes.
+pub fn start_nginx(
+    tools: &Tools,
+    topo: &Topo,
+    wrap: Option<&[OsString]>,
+) -> anyhow::Result<Daemon> {
     let dir = topo.node.dir().join("nginx");
     for sub in ["", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
         std::fs::create_dir_all(dir.join(sub))
@@ -81,7 +90,7 @@ pub fn start_nginx(tools: &Tools, topo: &Topo) -> anyhow::Result<Daemon> {
     let text = format!(
         r#"# Written by `cargo xtask bench`; runs in the foreground, all files under {d}.
 daemon off;
-master_process on;
+master_process {master};
 worker_processes 1;
 user root;
 pid {d}/nginx.pid;
@@ -125,9 +134,10 @@ http {{
 "#,
         baseline = Topo::ip(&topo.server),
         fork = Topo::ip(&topo.fork),
+        master = if wrap.is_some() { "off" } else { "on" },
     );
     std::fs::write(&conf, text).context("writing nginx.conf")?;
-    let mut cmd = topo.proxy.command(&topo.node, &tools.nginx, true);
+    let mut cmd = wrapped(&topo.proxy, topo, &tools.nginx, wrap);
     cmd.arg("-p")
         .arg(&dir)
         .arg("-c")
@@ -137,14 +147,110 @@ http {{
         .arg(dir.join("error.log"));
     sys::pin_command(&mut cmd, SERVER_CPU);
     let nginx = Daemon::spawn_command("nginx", cmd)?;
-    wait_listening(topo, Topo::ip(&topo.proxy), &nginx)?;
+    wait_listening(topo, Topo::ip(&topo.proxy), &nginx, ready_within(wrap))?;
     Ok(nginx)
 }
 
+/// HAProxy in the `haproxy` pod, the second L7 anchor: one thread on the servers' CPU, the
+/// same routing as nginx (the pr-100 member of the baggage list to the fork, anything else to
+/// the baseline) and the same pooled keep-alive upstream connections (`http-reuse always`).
+/// `req.hdr(baggage)` yields each comma-separated list member of every baggage header, so the
+/// ACL matches one member exactly, properties after ';' allowed. `wrap` as for nginx.
+pub fn start_haproxy(
+    haproxy: &Path,
+    topo: &Topo,
+    wrap: Option<&[OsString]>,
+) -> anyhow::Result<Daemon> {
+    let dir = topo.node.dir().join("haproxy");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let conf = dir.join("haproxy.cfg");
+    let key = regex_escape(KEY_FORK);
+    let text = format!(
+        r#"# Written by `cargo xtask bench`; runs in the foreground (-db).
+global
+    nbthread 1
+    # As many connections as nginx's worker_connections (valgrind leaves too few descriptors
+    # for HAProxy's default).
+    maxconn 8192
+    pidfile {d}/haproxy.pid
+
+defaults
+    mode http
+    maxconn 8192
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-keep-alive 120s
+    option http-keep-alive
+    http-reuse always
+
+frontend bench
+    bind :{PORT} backlog 4096
+    # The W3C baggage list member sd-routing-key={KEY_FORK}, properties after ';' allowed.
+    acl to_fork req.hdr(baggage) -m reg '^[ 	]*sd-routing-key={key}[ 	]*(;|$)'
+    use_backend {FORK} if to_fork
+    default_backend {BASELINE}
+
+backend {BASELINE}
+    server {BASELINE} {baseline}
+
+backend {FORK}
+    server {FORK} {fork}
+"#,
+        d = dir.display(),
+        baseline = Topo::ip(&topo.server),
+        fork = Topo::ip(&topo.fork),
+    );
+    std::fs::write(&conf, text).context("writing haproxy.cfg")?;
+    let check = Command::new(haproxy)
+        .arg("-c")
+        .arg("-f")
+        .arg(&conf)
+        .output()
+        .context("running haproxy -c")?;
+    if !check.status.success() {
+        bail!(
+            "haproxy rejects {}: {}{}",
+            conf.display(),
+            String::from_utf8_lossy(&check.stdout).trim(),
+            String::from_utf8_lossy(&check.stderr).trim()
+        );
+    }
+    let mut cmd = wrapped(&topo.haproxy, topo, haproxy, wrap);
+    cmd.arg("-db").arg("-f").arg(&conf);
+    sys::pin_command(&mut cmd, SERVER_CPU);
+    let proc = Daemon::spawn_command("haproxy", cmd)?;
+    wait_listening(topo, Topo::ip(&topo.haproxy), &proc, ready_within(wrap))?;
+    Ok(proc)
+}
+
+/// `program` in `pod` (and the node's cgroup), or `wrap` running it there.
+fn wrapped(pod: &Pod, topo: &Topo, program: &Path, wrap: Option<&[OsString]>) -> Command {
+    match wrap {
+        Some([first, rest @ ..]) => {
+            let mut cmd = pod.command(&topo.node, first, true);
+            cmd.args(rest).arg(program);
+            cmd
+        }
+        _ => pod.command(&topo.node, program, true),
+    }
+}
+
+/// How long a proxy may take to listen: under valgrind, start-up is some 50 times slower.
+fn ready_within(wrap: Option<&[OsString]>) -> Duration {
+    Duration::from_secs(if wrap.is_some() { 90 } else { 10 })
+}
+
 /// Waits until something accepts TCP connections at `addr`, probing from the client pod.
-fn wait_listening(topo: &Topo, addr: SocketAddr, proc: &Daemon) -> anyhow::Result<()> {
+fn wait_listening(
+    topo: &Topo,
+    addr: SocketAddr,
+    proc: &Daemon,
+    within: Duration,
+) -> anyhow::Result<()> {
     let netns = std::fs::File::open(topo.client.netns_path())?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + within;
+    let pid = proc.pid();
     std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<()> {
             use std::os::fd::AsRawFd as _;
@@ -156,9 +262,12 @@ fn wait_listening(topo: &Topo, addr: SocketAddr, proc: &Daemon) -> anyhow::Resul
                 if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                     return Ok(());
                 }
+                if exited(pid) {
+                    bail!("exited before listening at {addr}; log:\n{}", proc.logs());
+                }
                 if Instant::now() >= deadline {
                     bail!(
-                        "nothing listens at {addr} after 10 s; log:\n{}",
+                        "nothing listens at {addr} after {within:?}; log:\n{}",
                         proc.logs()
                     );
                 }
@@ -167,6 +276,15 @@ fn wait_listening(topo: &Topo, addr: SocketAddr, proc: &Daemon) -> anyhow::Resul
         })
         .join()
         .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+    })
+}
+
+/// True once `pid` is gone or a zombie.
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state == "Z" || state == "X")
     })
 }
 

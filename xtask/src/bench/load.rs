@@ -123,10 +123,66 @@ pub fn run(
     };
     // rdr-load bounds itself; this is the backstop if it wedges anyway.
     let limit = expected + Duration::from_secs(20);
+    run_args(bins, node, pod, &args, limit)
+}
 
+/// Exactly `requests` keyed requests at `rate` per second over `connections` keep-alive
+/// connections (opened before the first), with a generous per-request timeout: the run the
+/// instruction counts are taken around, where the proxy runs under valgrind.
+pub fn fixed_count(
+    bins: &Bins,
+    node: &Node,
+    pod: &Pod,
+    target: Target<'_>,
+    rate: u32,
+    requests: u32,
+    connections: usize,
+) -> anyhow::Result<Value> {
+    sys::check_interrupted()?;
+    // Send times are i * (1e9 / rate) ns, i < ceil(duration / interval): with a rate that
+    // divides a second evenly, exactly `requests` of them.
+    let duration = Duration::from_secs_f64(f64::from(requests) / f64::from(rate.max(1)));
+    let timeout = Duration::from_secs(20);
+    let args: Vec<String> = vec![
+        "rate".into(),
+        "--addr".into(),
+        target.addr.to_string(),
+        "--header".into(),
+        format!("baggage=sd-routing-key={}", target.key),
+        "--expect-server".into(),
+        target.expect.into(),
+        "--cpu".into(),
+        CLIENT_CPU.to_string(),
+        "--rate".into(),
+        rate.to_string(),
+        "--duration-ms".into(),
+        duration.as_millis().to_string(),
+        "--warmup-ms".into(),
+        "0".into(),
+        "--connections".into(),
+        connections.to_string(),
+        "--timeout-ms".into(),
+        timeout.as_millis().to_string(),
+    ];
+    run_args(
+        bins,
+        node,
+        pod,
+        &args,
+        duration + timeout + Duration::from_secs(20),
+    )
+}
+
+fn run_args(
+    bins: &Bins,
+    node: &Node,
+    pod: &Pod,
+    args: &[String],
+    limit: Duration,
+) -> anyhow::Result<Value> {
     // In the node's cgroup, so the daemon's programs see the client's sockets.
     let mut cmd = pod.command(node, &bins.load, true);
-    cmd.args(&args)
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

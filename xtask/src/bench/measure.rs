@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use redirector_tests::{Daemon, Pod};
 
 use super::{
-    Bins, Profile, Results, anchors,
+    Bins, Profile, Results, anchors, instr,
     kernel::{BpfStats, Programs},
     load::{self, Kind, Target},
     sys::{self, Tools},
@@ -31,6 +31,7 @@ const LATENCY_FIELDS: [&str; 5] = ["p50_us", "p99_us", "p999_us", "achieved_rate
 
 struct Ctx<'a> {
     nginx_pid: Option<u32>,
+    haproxy_pid: Option<u32>,
     bins: &'a Bins,
     tools: &'a Tools,
     profile: &'a Profile,
@@ -48,28 +49,57 @@ pub fn all(
     eprintln!("bench: bringing up the simulated node");
     let topo = Topo::new(bins)?;
     let nginx = if profile.has("nginx") {
-        Some(anchors::start_nginx(tools, &topo)?)
+        Some(anchors::start_nginx(tools, &topo, None)?)
     } else {
         None
     };
+    let haproxy = match &tools.haproxy {
+        Some(path) if profile.has("haproxy") => Some(anchors::start_haproxy(path, &topo, None)?),
+        _ => None,
+    };
+    let timed = PARTS_TIMED.iter().any(|part| profile.has(part));
     let mut ctx = Ctx {
         nginx_pid: nginx.as_ref().map(Daemon::pid),
+        haproxy_pid: haproxy.as_ref().map(Daemon::pid),
         bins,
         tools,
         profile,
         topo: &topo,
         results,
     };
-    for rep in 1..=profile.repeats {
-        ctx.repeat(rep)
-            .with_context(|| format!("repeat {rep} of {}", profile.repeats))?;
+    if timed {
+        ctx.idle_probe();
+        for rep in 1..=profile.repeats {
+            ctx.repeat(rep)
+                .with_context(|| format!("repeat {rep} of {}", profile.repeats))?;
+            ctx.idle_probe();
+        }
+    }
+    // The anchors leave their ports to the same programs under valgrind.
+    drop(nginx);
+    drop(haproxy);
+    if profile.has("instructions") {
+        ctx.idle_probe();
+        instr::run(bins, tools, profile, &topo, ctx.results)?;
     }
     Ok(())
 }
 
+/// The parts measured in the timed repeats (all but `instructions`).
+const PARTS_TIMED: [&str; 8] = [
+    "direct", "nginx", "haproxy", "iptables", "fast", "l4", "l7", "sweep",
+];
+
 impl Ctx<'_> {
     fn step(&self, rep: usize, what: &str) {
         eprintln!("bench: [{rep}/{}] {what}", self.profile.repeats);
+    }
+
+    /// The whole machine's busy CPU while the benchmark pauses (see [`sys::idle_probe`]).
+    fn idle_probe(&mut self) {
+        if let Some(cores) = sys::idle_probe() {
+            self.results.idle_probes.push(cores);
+        }
     }
 
     fn repeat(&mut self, rep: usize) -> anyhow::Result<()> {
@@ -92,6 +122,12 @@ impl Ctx<'_> {
             watch.extend(self.nginx_pid.map(|pid| ("proxy", pid)));
             let tgt = target(proxy, KEY_FORK, FORK);
             self.http_path("nginx", &t.client, tgt, &watch, true)?;
+        }
+        if let Some(pid) = self.haproxy_pid {
+            self.step(rep, "HAProxy routing on the baggage header");
+            let watch = [("server", t.server_pid(FORK)), ("proxy", pid)];
+            let tgt = target(Topo::ip(&t.haproxy), KEY_FORK, FORK);
+            self.http_path("haproxy", &t.client, tgt, &watch, true)?;
         }
         if ["fast", "l4", "l7"].iter().any(|part| p.has(part)) {
             self.with_daemon(rep, MAIN_ROUTES, |ctx, daemon| ctx.main_phase(rep, daemon))?;

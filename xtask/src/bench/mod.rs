@@ -9,21 +9,28 @@
 //! - **L4**: a sandbox member dialing the service, steered to the fork in the kernel;
 //! - **L7 fork / L7 baseline**: a non-member dialing the service, handed to the node router,
 //!   which routes each request on its key to the fork or to the baseline;
-//! - **nginx**: the L7 anchor, the same header routing in the distribution's nginx;
+//! - **nginx** and **HAProxy**: the L7 anchors, the same header routing in the distribution's
+//!   nginx (one worker) and HAProxy (one thread), on the router's core;
 //! - **iptables**: the kube-proxy anchor, DNAT with 10 / 1 000 / 10 000 rules, against the
 //!   fast path and L4 with 10 / 10 000 / 100 000 routes, on connection rate;
 //! - the kernel programs' own cost (ns per run) at 10 / 10 000 / 100 000 routes, and the
-//!   daemon's memory and CPU (idle, and per 1 000 routed requests).
+//!   daemon's memory and CPU (idle, and per 1 000 routed requests);
+//! - **instructions** per routed request of the router, nginx and HAProxy, counted by
+//!   callgrind: the one figure this machine's noise cannot move (see `instr`).
 //!
 //! Per path: latency at fixed rates (open loop), the highest rate with p99 <= 1 ms, and
 //! connections per second. Connection rates of the fast path, L4 and iptables are each
 //! measured right after a direct run, because they drift on a scale of seconds here.
 //!
 //! Everything repeats (3 times, once with `--quick`), interleaved so that drift hits every path
-//! alike; the report gives medians with their min–max, and ratios computed within each repeat.
-//! Targets are reported as met or missed, never asserted: these are shared machines, and a
-//! miss is a finding, not a failure.
+//! alike; the report gives medians with their min–max, and ratios and differences computed
+//! within each repeat (each path against what it is compared with, measured in the same repeat)
+//! with a 95 % confidence interval over the repeats. Targets are reported as met, missed, or
+//! inconclusive when the interval straddles the bound, never asserted: these are shared
+//! machines, and a miss is a finding, not a failure. The load other processes put on the
+//! machine during the run is measured and reported, with a warning when it was not idle.
 mod anchors;
+mod instr;
 mod kernel;
 mod load;
 mod measure;
@@ -45,19 +52,31 @@ use crate::setup;
 
 #[derive(clap::Args, Default)]
 pub struct Options {
-    /// Smoke run: every figure once, with short runs (under two minutes after the build).
+    /// Smoke run: every figure once, with short runs (about three minutes after the build).
     #[arg(long)]
     quick: bool,
     /// Repeats of every measurement [default: 3, or 1 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
     repeats: Option<u32>,
-    /// Measure only these parts (comma-separated): direct, nginx, iptables, fast, l4, l7,
-    /// sweep. Ratios need `direct`; figures left out show as `-`.
+    /// Measure only these parts (comma-separated): direct, nginx, haproxy, iptables, fast,
+    /// l4, l7, sweep, instructions (callgrind's instructions per routed request of the
+    /// router, nginx and HAProxy; slow, about 2 minutes). Ratios need `direct`; figures left
+    /// out show as `-`.
     #[arg(long, value_delimiter = ',', value_parser = PARTS)]
     only: Vec<String>,
 }
 
-const PARTS: [&str; 7] = ["direct", "nginx", "iptables", "fast", "l4", "l7", "sweep"];
+const PARTS: [&str; 9] = [
+    "direct",
+    "nginx",
+    "haproxy",
+    "iptables",
+    "fast",
+    "l4",
+    "l7",
+    "sweep",
+    "instructions",
+];
 
 /// How long each kind of run lasts.
 pub struct Profile {
@@ -77,6 +96,10 @@ pub struct Profile {
     pub cost: Duration,
     /// Parts to measure (see `--only`).
     pub parts: Vec<String>,
+    /// Where the JSON and callgrind's files go (`<target>/bench`), and the run's time stamp
+    /// in their names.
+    pub out_dir: PathBuf,
+    pub stamp: String,
 }
 
 impl Profile {
@@ -101,6 +124,8 @@ impl Profile {
                 max_steps: 4,
                 cost: ms(400),
                 parts: Vec::new(),
+                out_dir: PathBuf::new(),
+                stamp: String::new(),
             }
         } else {
             Profile {
@@ -115,6 +140,8 @@ impl Profile {
                 max_steps: 5,
                 cost: ms(1000),
                 parts: Vec::new(),
+                out_dir: PathBuf::new(),
+                stamp: String::new(),
             }
         };
         if let Some(r) = opts.repeats {
@@ -127,6 +154,17 @@ impl Profile {
         };
         p
     }
+}
+
+/// `<target>/bench`: the JSON reports and callgrind's files.
+pub fn out_dir() -> anyhow::Result<PathBuf> {
+    // xtask runs from <target>/debug.
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let target = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("xtask binary has no target directory")?;
+    Ok(target.join("bench"))
 }
 
 /// The release binaries the benchmark runs: debug builds would measure the compiler's
@@ -166,6 +204,10 @@ pub struct Results {
     pub errors: BTreeMap<String, (u64, String)>,
     /// Raw detail worth keeping in the JSON (the steps of every max-rate search).
     pub details: BTreeMap<String, Vec<Value>>,
+    /// Busy cores of the whole machine while the benchmark paused, one per pause.
+    pub idle_probes: Vec<f64>,
+    /// The instruction counts and where their files are (`Null` unless measured).
+    pub instructions: Value,
 }
 
 impl Results {
@@ -203,16 +245,26 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if !sys::is_root() {
         bail!("the benchmark builds network namespaces and loads eBPF programs: run it as root");
     }
-    let tools = sys::Tools::ensure()?;
+    let mut profile = Profile::new(opts);
+    let tools = sys::Tools::ensure(&profile)?;
     eprintln!("bench: building the release binaries");
     setup::status(Command::new(env!("CARGO")).args(["build", "--release", "--bins"]))?;
     let bins = Bins::locate()?;
-    let profile = Profile::new(opts);
     let mut machine = sys::machine_info(&tools);
+    profile.out_dir = out_dir()?;
+    profile.stamp = machine["date"]
+        .as_str()
+        .unwrap_or("unknown")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
     sys::catch_signals();
 
     let started = Instant::now();
     let steal_before = sys::steal_ms();
+    let cpu_before = sys::MachineCpu::now();
+    let own_before = sys::own_cpu_s();
+    let kthreads_before = sys::kernel_threads_cpu_s();
     let mut results = Results::default();
     measure::all(&bins, &tools, &profile, &mut results)?;
     if results.values.is_empty() {
@@ -222,10 +274,32 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if let (Some(a), Some(b)) = (steal_before, sys::steal_ms()) {
         machine["steal_ms_during_run"] = serde_json::json!((b - a).round());
     }
+    // Every process the benchmark started has been reaped by now (the node is torn down).
+    if let (Some(a), Some(b)) = (cpu_before, sys::MachineCpu::now()) {
+        let cores = machine["cores"].as_f64().unwrap_or(1.0);
+        let load = sys::load_report(
+            &b.since(&a),
+            sys::own_cpu_s() - own_before,
+            sys::kernel_threads_cpu_s() - kthreads_before,
+            &results.idle_probes,
+            cores,
+        );
+        for w in load["warnings"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            eprintln!(
+                "bench: WARNING: the machine was not idle: {} (figures are noisier than on a quiet machine)",
+                w.as_str().unwrap_or("")
+            );
+        }
+        machine["load"] = load;
+    }
 
     let report = report::Report::build(&results, machine, &profile, elapsed);
     println!("{}", report.table());
-    let path = report.write()?;
+    let path = report.write(&profile.out_dir)?;
     eprintln!(
         "bench: finished in {:.0} s; JSON in {}",
         elapsed.as_secs_f64(),

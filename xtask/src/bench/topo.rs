@@ -7,11 +7,13 @@
 //!   server   ── the baseline of `svc` (10.96.0.10:8080, routed to it by the node)
 //!   fork     ── svc's fork for pr-100
 //!   proxy    ── nginx, routing on the baggage header like the node router does
+//!   haproxy  ── HAProxy, the same routing (the second L7 anchor)
 //! ```
 //!
-//! Every server is `rdr-load serve` (same binary, same 128-byte answer). Servers, the daemon
-//! and nginx run on [`SERVER_CPU`]; clients on [`CLIENT_CPU`](super::sys::CLIENT_CPU).
+//! Every server is `rdr-load serve` (same binary, same 128-byte answer). Servers, the daemon,
+//! nginx and HAProxy run on [`SERVER_CPU`]; clients on [`CLIENT_CPU`](super::sys::CLIENT_CPU).
 use std::{
+    ffi::OsString,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -49,6 +51,7 @@ pub struct Topo {
     pub server: Pod,
     pub fork: Pod,
     pub proxy: Pod,
+    pub haproxy: Pod,
     config: PathBuf,
     /// Processes before the node: dropped (killed) first. By server name.
     servers: Vec<(&'static str, Daemon)>,
@@ -73,6 +76,7 @@ impl Topo {
         let server = node.add_pod("server")?;
         let fork = node.add_pod("fork")?;
         let proxy = node.add_pod("proxy")?;
+        let haproxy = node.add_pod("haproxy")?;
         node.add_vip(IpAddr::V4(SVC), &server)?;
         let config = node.dir().join("redirector.toml");
         let mut topo = Topo {
@@ -82,6 +86,7 @@ impl Topo {
             server,
             fork,
             proxy,
+            haproxy,
             config,
             servers: Vec::new(),
             node,
@@ -125,9 +130,26 @@ impl Topo {
     /// Starts the daemon with `routes` routes, pinned to the servers' CPU, and waits until it
     /// is ready. It detaches and unpins on exit.
     pub fn start_daemon(&self, bins: &Bins, routes: usize) -> anyhow::Result<Daemon> {
+        self.start_daemon_wrapped(bins, routes, None)
+    }
+
+    /// [`Topo::start_daemon`] under `wrap` (valgrind) when given.
+    pub fn start_daemon_wrapped(
+        &self,
+        bins: &Bins,
+        routes: usize,
+        wrap: Option<&[OsString]>,
+    ) -> anyhow::Result<Daemon> {
         std::fs::write(&self.config, self.config_text(routes))
             .context("writing the daemon config")?;
-        let mut cmd = self.node.command(&bins.redirector);
+        let mut cmd = match wrap {
+            Some([first, rest @ ..]) => {
+                let mut cmd = self.node.command(first);
+                cmd.args(rest).arg(&bins.redirector);
+                cmd
+            }
+            _ => self.node.command(&bins.redirector),
+        };
         sys::pin_command(&mut cmd, SERVER_CPU);
         cmd.arg("run")
             .arg("--config")

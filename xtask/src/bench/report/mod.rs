@@ -6,7 +6,10 @@ mod stat;
 mod table;
 mod targets;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use serde_json::{Map, Value, json};
@@ -20,14 +23,17 @@ use super::{
 };
 
 /// Paths in table order: (key, label).
-const PATHS: [(&str, &str); 6] = [
+const PATHS: [(&str, &str); 7] = [
     ("direct", "direct"),
     ("fast", "fast path"),
     ("l4", "L4 steered"),
     ("l7_fork", "L7 to fork"),
     ("l7_base", "L7 to baseline"),
     ("nginx", "nginx (fork)"),
+    ("haproxy", "HAProxy (fork)"),
 ];
+/// The L7 anchors the router is compared with: (key, label).
+const ANCHORS: [(&str, &str); 2] = [("nginx", "nginx"), ("haproxy", "HAProxy")];
 /// Programs the cost table shows first, in this order; any other that ran follows them.
 const PROGRAMS: [&str; 3] = ["connect4", "handoff_sockops", "getpeername6"];
 const COST_CASES: [(&str, &str); 3] = [
@@ -112,8 +118,10 @@ impl Report {
                 }
             }
             for fig in figs {
-                if let Some(s) = r.ratio(&format!("{path}.{fig}"), &format!("nginx.{fig}")) {
-                    derived.insert(format!("{path}.{fig}.x_nginx"), s.json());
+                for (anchor, _) in ANCHORS {
+                    if let Some(s) = r.ratio(&format!("{path}.{fig}"), &format!("{anchor}.{fig}")) {
+                        derived.insert(format!("{path}.{fig}.x_{anchor}"), s.json());
+                    }
                 }
             }
         }
@@ -162,6 +170,17 @@ impl Report {
             .iter()
             .map(|(k, v)| (k.clone(), json!(v)))
             .collect();
+        let mut instructions = results.instructions.clone();
+        if let Some(router) = r.stat("instr.router.ir_per_request") {
+            for (anchor, _) in ANCHORS {
+                if let (Some(a), Some(p)) = (
+                    r.stat(&format!("instr.{anchor}.ir_per_request")),
+                    instructions["proxies"].get_mut(anchor),
+                ) {
+                    p["router_x"] = json!(round3(router.median / a.median));
+                }
+            }
+        }
         r.json = json!({
             "schema": "redirector-bench/1",
             "mode": if profile.quick { "quick" } else { "full" },
@@ -171,8 +190,9 @@ impl Report {
                 "client_cpu": CLIENT_CPU,
                 "server_cpu": SERVER_CPU,
                 "pinning": format!(
-                    "rdr-load (client) pinned to CPU {CLIENT_CPU}; servers, the daemon (its node router) and nginx (1 worker) to CPU {SERVER_CPU}, set with sched_setaffinity before exec"
+                    "rdr-load (client) pinned to CPU {CLIENT_CPU}; servers, the daemon (its node router), nginx (1 worker) and HAProxy (nbthread 1) to CPU {SERVER_CPU}, set with sched_setaffinity before exec"
                 ),
+                "intervals": "ratios and differences are taken within each repeat (or pair of runs), then summed up as a mean (geometric for ratios) with a Student-t 95% confidence interval (`ci95`); a target is met when the whole interval is on its side of the bound, missed when the whole interval is on the other side, inconclusive otherwise",
                 "generator": "rdr-load (tests/src/bin/rdr-load.rs): open loop, latency from the scheduled send time, hyper client, hdrhistogram",
                 "request": "GET / with `baggage: sd-routing-key=<key>`, 128-byte response from `rdr-load serve`",
                 "connection_close": "connection-rate and new-connection runs close with a reset after the whole response (SO_LINGER 0), so no TIME_WAIT builds up from run to run",
@@ -192,6 +212,7 @@ impl Report {
             "metrics": metrics,
             "derived": derived,
             "targets": targets,
+            "instructions": instructions,
             "errors": errors,
             "max_search_steps": max_search,
         });
@@ -218,7 +239,7 @@ impl Report {
             .filter(|(_, b)| **b != 0.0)
             .map(|(a, b)| a / b)
             .collect();
-        Stat::of(&v)
+        Stat::of_ratios(&v)
     }
 
     /// Connection rate of the fast path or L4 over the direct rate measured just before it,
@@ -236,7 +257,7 @@ impl Report {
                     .map(|(a, b)| a / b),
             );
         }
-        Stat::of(&all)
+        Stat::of_ratios(&all)
     }
 
     fn diff(&self, a: &str, b: &str) -> Option<Stat> {
@@ -249,15 +270,9 @@ impl Report {
         Stat::of(&v)
     }
 
-    /// Writes `<target>/bench/bench-<date>.json` and `latest.json`; returns the first.
-    pub fn write(&self) -> anyhow::Result<PathBuf> {
-        let exe = std::env::current_exe()?;
-        let target = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .context("xtask binary has no target directory")?;
-        let dir = target.join("bench");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    /// Writes `<dir>/bench-<date>.json` and `latest.json`; returns the first.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let stamp: String = self.json["machine"]["date"]
             .as_str()
             .unwrap_or("unknown")

@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 
 use super::{
-    COST_CASES, PATHS, PROGRAMS, Report, conn_keys,
-    stat::{signed_spread, spread, us},
+    ANCHORS, COST_CASES, PATHS, PROGRAMS, Report, conn_keys,
+    stat::{interval, signed_interval, spread, us},
 };
 use crate::bench::{
     load::{CONNECT_WORKERS, CONNECTIONS},
@@ -17,10 +17,13 @@ impl Report {
         let mut t = String::new();
         let m = &self.json["machine"];
         let s = &self.json["setup"];
-        let spread_note = if self.profile_quick {
-            "quick: one repeat, short runs"
+        let instructions_only = self.results_values.keys().all(|k| k.starts_with("instr."));
+        let spread_note = if instructions_only {
+            "instructions only: callgrind's counts, no timed runs"
+        } else if self.profile_quick {
+            "quick: one repeat, short runs, no intervals"
         } else {
-            "median of the repeats, (min-max) where shown"
+            "median of the repeats, (min-max) where shown; ratios and differences within each repeat: mean [95% interval]"
         };
         let _ = writeln!(
             t,
@@ -49,11 +52,36 @@ impl Report {
                 self.json["duration_s"].as_f64().unwrap_or(0.0)
             );
         }
+        let load = &m["load"];
+        if let Some(other) = load["other_cores"].as_f64() {
+            let _ = writeln!(
+                t,
+                "machine load: other processes {other:.2} cores on average (the benchmark {:.2}, kernel threads {:.2}, interrupts {:.2}); idle probes {} cores busy",
+                load["bench_cores"].as_f64().unwrap_or(0.0),
+                load["kernel_thread_cores"].as_f64().unwrap_or(0.0),
+                load["irq_softirq_cores"].as_f64().unwrap_or(0.0),
+                load["idle_probe_busy_cores_median"]
+                    .as_f64()
+                    .map_or("-".into(), |v| format!("{v:.2}")),
+            );
+        }
+        for w in load["warnings"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let _ = writeln!(t, "WARNING: machine not idle: {}", w.as_str().unwrap_or(""));
+        }
         let _ = writeln!(
             t,
-            "client on CPU {CLIENT_CPU}; servers, daemon and nginx on CPU {SERVER_CPU}; GET with a baggage header, 128-byte answer; \
+            "client on CPU {CLIENT_CPU}; servers, daemon, nginx and HAProxy on CPU {SERVER_CPU}; GET with a baggage header, 128-byte answer; \
              {CONNECTIONS} keep-alive connections; {MAIN_ROUTES} routes loaded for the latency and max-rate runs"
         );
+        // `--only instructions`: the timed sections would be all dashes.
+        if instructions_only {
+            self.instructions_table(&mut t);
+            return t;
+        }
 
         let _ = writeln!(
             t,
@@ -93,11 +121,11 @@ impl Report {
 
         let _ = writeln!(
             t,
-            "\nAdded latency at 1000 req/s keep-alive, us, and as a ratio (within each repeat, then median)"
+            "\nAdded latency at 1000 req/s keep-alive, us, and as a ratio (within each repeat; mean [95% interval])"
         );
         let _ = writeln!(
             t,
-            "{:<16}{:<26}{:<26}{:<12}x direct p99",
+            "{:<16}{:<28}{:<28}{:<14}x direct p99",
             "path", "p50 - direct", "p99 - direct", "x direct p50"
         );
         let rows = [
@@ -106,25 +134,33 @@ impl Report {
             ("l7_fork", "L7 to fork", "direct"),
             ("l7_base", "L7 to baseline", "direct"),
             ("nginx", "nginx (fork)", "direct"),
+            ("haproxy", "HAProxy (fork)", "direct"),
             ("l7_fork", "L7 fork - nginx", "nginx"),
+            ("l7_fork", "L7 fork - HAPrx", "haproxy"),
         ];
         for (path, label, base) in rows {
             let d = |p: &str| {
                 self.diff(&format!("{path}.ka1000.{p}"), &format!("{base}.ka1000.{p}"))
-                    .map_or("-".into(), |s| signed_spread(s, 1))
+                    .map_or("-".into(), |s| signed_interval(s, 1))
             };
             let x = |p: &str| {
                 self.ratio(&format!("{path}.ka1000.{p}"), &format!("{base}.ka1000.{p}"))
-                    .map_or("-".into(), |s| format!("{:.2}", s.median))
+                    .map_or("-".into(), |s| format!("{:.2}", s.mean))
             };
             let (p50, p99, x50, x99) = (d("p50_us"), d("p99_us"), x("p50_us"), x("p99_us"));
-            let _ = writeln!(t, "{label:<16}{p50:<26}{p99:<26}{x50:<12}{x99}");
+            // Cells keep a blank between them however wide the interval.
+            let _ = writeln!(
+                t,
+                "{label:<16}{:<28}{:<28}{x50:<14}{x99}",
+                format!("{p50} "),
+                format!("{p99} ")
+            );
         }
 
         let _ = writeln!(
             t,
-            "\n{:<16}{:<34}{:<10}{:<30}x direct",
-            "Throughput", "max req/s with p99 <= 1 ms", "x direct", "connections/s"
+            "\n{:<18}{:<28}{:<20}{:<26}x direct",
+            "Throughput", "max req/s, p99 <= 1 ms", "x direct", "connections/s"
         );
         for (path, label) in PATHS {
             let max = self.stat(&format!("{path}.max.max_rate"));
@@ -134,33 +170,41 @@ impl Report {
             let rconn = self.ratio(&conn_key, &direct_key);
             let _ = writeln!(
                 t,
-                "{label:<16}{:<34}{:<10}{:<30}{}",
+                "{label:<18}{:<28}{:<20}{:<26}{}",
                 max.map_or("-".into(), |s| spread(s, 0)),
-                rmax.map_or("-".into(), |s| format!("{:.2}", s.median)),
+                rmax.map_or("-".into(), |s| interval(s, 2)),
                 conn.map_or("-".into(), |s| spread(s, 0)),
-                rconn.map_or("-".into(), |s| format!("{:.3}", s.median)),
+                rconn.map_or("-".into(), |s| interval(s, 3)),
             );
         }
         for path in ["l7_fork", "l7_base"] {
-            let rmax = self.ratio(&format!("{path}.max.max_rate"), "nginx.max.max_rate");
-            let rconn = self.ratio(
-                &format!("{path}.conn.achieved_rate"),
-                "nginx.conn.achieved_rate",
-            );
-            let _ = writeln!(
-                t,
-                "{:<16}{:<34}{:<10}{:<30}{}",
-                format!("{path} x nginx"),
-                "",
-                rmax.map_or("-".into(), |s| format!("{:.2}", s.median)),
-                "",
-                rconn.map_or("-".into(), |s| format!("{:.2}", s.median)),
-            );
+            for (anchor, label) in ANCHORS {
+                let rmax = self.ratio(
+                    &format!("{path}.max.max_rate"),
+                    &format!("{anchor}.max.max_rate"),
+                );
+                let rconn = self.ratio(
+                    &format!("{path}.conn.achieved_rate"),
+                    &format!("{anchor}.conn.achieved_rate"),
+                );
+                if rmax.is_none() && rconn.is_none() {
+                    continue;
+                }
+                let _ = writeln!(
+                    t,
+                    "{:<18}{:<28}{:<20}{:<26}{}",
+                    format!("{path} x {label}"),
+                    "",
+                    rmax.map_or("-".into(), |s| interval(s, 2)),
+                    "",
+                    rconn.map_or("-".into(), |s| interval(s, 2)),
+                );
+            }
         }
 
         let _ = writeln!(
             t,
-            "\nCPU per 1000 requests, ms (server; proxy = node router or nginx), measured around each fixed-rate run"
+            "\nCPU per 1000 requests, ms (server; proxy = node router, nginx or HAProxy), measured around each fixed-rate run"
         );
         let _ = writeln!(
             t,
@@ -323,16 +367,22 @@ impl Report {
                 .map_or("-".into(), |s| format!("{:.1}", s.median))),
         );
 
-        let _ = writeln!(t, "\nTargets (reported, never asserted)");
+        self.instructions_table(&mut t);
+
+        let _ = writeln!(
+            t,
+            "\nTargets (reported, never asserted; judged on the 95% interval: inconclusive when it straddles the bound)"
+        );
         for tg in self.json["targets"]
             .as_array()
             .map(Vec::as_slice)
             .unwrap_or_default()
         {
-            let verdict = match tg["met"].as_bool() {
-                Some(true) => "met   ",
-                Some(false) => "MISSED",
-                None => "n/a   ",
+            let verdict = match tg["verdict"].as_str() {
+                Some("met") => "met         ",
+                Some("missed") => "MISSED      ",
+                Some("inconclusive") => "inconclusive",
+                _ => "n/a         ",
             };
             let _ = writeln!(
                 t,
@@ -356,4 +406,74 @@ impl Report {
         }
         t
     }
+
+    /// Instructions per routed request (callgrind), the router's top functions, and where
+    /// the listings are.
+    fn instructions_table(&self, t: &mut String) {
+        let ins = &self.json["instructions"];
+        let Some(proxies) = ins["proxies"].as_object() else {
+            return;
+        };
+        let _ = writeln!(
+            t,
+            "\nInstructions per routed request (callgrind, the proxy's user space only): (Ir(2N) - Ir(N)) / N, N = {}, {} req/s, {} keep-alive connections, to the fork",
+            ins["requests"], ins["rate"], ins["connections"]
+        );
+        let router = proxies
+            .get("router")
+            .and_then(|r| r["ir_per_request"].as_f64());
+        let _ = writeln!(t, "{:<16}{:<18}router x this", "proxy", "Ir per request");
+        for key in ["router", "nginx", "haproxy"] {
+            let Some(p) = proxies.get(key) else { continue };
+            let ir = p["ir_per_request"].as_f64().unwrap_or(0.0);
+            let x = match router {
+                Some(r) if key != "router" && ir > 0.0 => format!("{:.2}", r / ir),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                t,
+                "{:<16}{:<18}{x}",
+                p["label"].as_str().unwrap_or(key),
+                thousands(ir)
+            );
+        }
+        if let Some(top) = proxies.get("router").and_then(|r| r["top_self"].as_array()) {
+            let _ = writeln!(
+                t,
+                "Router's top functions by self Ir (window of 2N requests): Ir per request, share"
+            );
+            for f in top {
+                let name = f["function"].as_str().unwrap_or("?");
+                let short: String = if name.chars().count() > 110 {
+                    name.chars().take(107).chain("...".chars()).collect()
+                } else {
+                    name.to_owned()
+                };
+                let _ = writeln!(
+                    t,
+                    "  {:>9}  {:>5.1}%  {short}",
+                    thousands(f["ir_per_request"].as_f64().unwrap_or(0.0)),
+                    f["percent"].as_f64().unwrap_or(0.0),
+                );
+            }
+        }
+        if let Some(files) = proxies.get("router").and_then(|r| r["listings"].as_array()) {
+            for f in files {
+                let _ = writeln!(t, "  listing: {}", f.as_str().unwrap_or(""));
+            }
+        }
+    }
+}
+
+/// A whole number with thin groups of three: 52 345.
+fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    if x < 0.0 { format!("-{out}") } else { out }
 }
