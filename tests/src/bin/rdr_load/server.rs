@@ -1,0 +1,60 @@
+//! `serve`: the benchmark's upstream, one thread and a fixed answer.
+use super::*;
+
+/// One thread serves every connection: pinned to its core, the server never waits for a
+/// sibling thread to be scheduled, so its own latency tail stays out of the figures (the
+/// general-purpose rdr-http test server runs two workers, which on one core hand work to each
+/// other at the scheduler's pace).
+pub(super) async fn serve(name: &str, port: u16, body_bytes: usize) -> Result<()> {
+    let served_by = HeaderValue::from_str(name).context("server name is not a header value")?;
+    let body = Bytes::from(vec![b'x'; body_bytes]);
+    let listener = listen(port)?;
+    println!("ready");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                eprintln!("rdr-load serve: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (served_by, body) = (served_by.clone(), body.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (served_by, body) = (served_by.clone(), body.clone());
+                async move {
+                    // Requests carry no body here; whatever comes is read and dropped.
+                    let _ = req.into_body().collect().await;
+                    let mut resp = http::Response::new(http_body_util::Full::new(body));
+                    resp.headers_mut().insert("x-served-by", served_by);
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            // Client resets at the end of a run are normal: not worth a line each.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+pub(super) fn listen(port: u16) -> Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock =
+        Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)).context("socket(AF_INET6)")?;
+    sock.set_only_v6(false).context("IPV6_V6ONLY=0")?;
+    // Connection-rate runs leave many server sockets in TIME_WAIT; a restart must still bind.
+    sock.set_reuse_address(true).context("SO_REUSEADDR")?;
+    let addr = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+    sock.bind(&addr.into())
+        .with_context(|| format!("bind [::]:{port}"))?;
+    // Deep enough for the connection-rate runs' bursts of SYNs.
+    sock.listen(4096)
+        .with_context(|| format!("listen on port {port}"))?;
+    sock.set_nonblocking(true).context("O_NONBLOCK")?;
+    tokio::net::TcpListener::from_std(sock.into()).context("registering the listener")
+}
