@@ -204,12 +204,14 @@ impl Reporter {
 }
 
 /// Trouble on the watch: kube's watcher retries (with backoff); the CLI gives up at once only
-/// when retrying cannot help.
-fn fatal(err: &watcher::Error) -> bool {
+/// when retrying cannot help. A 404 (no Sandbox resource) is final only before the watch has
+/// ever answered: an API server that restarts serves its CRDs a moment after it serves
+/// anything, and answers 404 for them meanwhile.
+fn fatal(err: &watcher::Error, answered: bool) -> bool {
     match err {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
         | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
-            matches!(status.code, 401 | 403 | 404)
+            matches!(status.code, 401 | 403) || (status.code == 404 && !answered)
         }
         _ => false,
     }
@@ -228,12 +230,14 @@ fn watch_error_unreachable(err: &watcher::Error) -> bool {
 #[derive(Default)]
 struct Trouble {
     last: Option<(String, bool)>,
+    /// The watch has answered at least once.
+    answered: bool,
 }
 
 impl Trouble {
     fn record(&mut self, err: &watcher::Error) -> Result<(), ClusterError> {
         let text = crate::error_chain(err);
-        if fatal(err) {
+        if fatal(err, self.answered) {
             return Err(ClusterError::Watch { message: text });
         }
         if self.last.is_none() {
@@ -286,6 +290,7 @@ pub async fn until_ready(
             }
             Some(Ok(Some(sandbox))) => {
                 trouble.last = None;
+                trouble.answered = true;
                 if sandbox.metadata.deletion_timestamp.is_some() {
                     return Err(ClusterError::Vanished {
                         object: object.to_owned(),
@@ -336,6 +341,7 @@ pub async fn until_gone(
             }
             Some(Ok(Some(sandbox))) => {
                 trouble.last = None;
+                trouble.answered = true;
                 let finalizers = sandbox.metadata.finalizers.unwrap_or_default();
                 waiting_for = if finalizers.is_empty() {
                     "the API server to remove it".to_owned()
@@ -360,6 +366,27 @@ mod tests {
 
     use super::*;
     use crate::k8s::crd::{ForkStatus, ForkedService, SandboxSpec, SandboxStatus};
+
+    #[test]
+    fn a_404_ends_the_wait_only_before_the_watch_has_answered() {
+        let status = |code: u16| {
+            watcher::Error::WatchStartFailed(kube::Error::Api(
+                kube::core::Status::failure("404 page not found", "NotFound")
+                    .with_code(code)
+                    .boxed(),
+            ))
+        };
+        assert!(fatal(&status(404), false), "no Sandbox resource at all");
+        assert!(
+            !fatal(&status(404), true),
+            "an API server that restarts serves its CRDs a moment later"
+        );
+        assert!(
+            fatal(&status(403), true),
+            "retrying cannot fix a permission"
+        );
+        assert!(!fatal(&status(503), false));
+    }
 
     fn sandbox(generation: i64, status: Option<SandboxStatus>) -> Sandbox {
         let mut sb = Sandbox::new(
