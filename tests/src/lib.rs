@@ -13,6 +13,7 @@ pub mod k8s;
 pub mod kubelet;
 mod prereq;
 mod proc;
+pub mod shop;
 mod simnode;
 
 pub use bridge::Bridge;

@@ -74,8 +74,9 @@ async fn cluster(opts: ClusterOptions) -> Option<(TestCluster, Client)> {
         .install(&crd::definitions(), NS)
         .await
         .expect("CRDs and namespace");
-    create(&client, service("svc-a", true)).await;
-    create(&client, service("svc-a-fork", false)).await;
+    for svc in [service("svc-a", true), service("svc-a-fork", false)] {
+        create_in(&client, NS, &svc).await.expect("Service");
+    }
     Some((cluster, client))
 }
 
@@ -92,17 +93,6 @@ fn service(name: &str, with_vips: bool) -> Service {
     }
     serde_json::from_value(json!({"metadata": {"name": name, "namespace": NS}, "spec": spec}))
         .expect("service")
-}
-
-async fn create<K>(client: &Client, object: K)
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    create_in(client, NS, &object).await.expect("create");
 }
 
 impl World {
@@ -842,7 +832,7 @@ async fn a_compaction_forcing_410_relists_and_loses_nothing() {
             json!({"metadata": {"name": format!("noise-{i}"), "namespace": NS}}),
         )
         .expect("configmap");
-        create(&client, cm).await;
+        create_in(&client, NS, &cm).await.expect("ConfigMap");
     }
     cluster.compact_etcd().expect("compact");
     cluster.stop_apiserver().expect("stop");

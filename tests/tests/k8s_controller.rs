@@ -26,16 +26,12 @@ use redirector_tests::{
     k8s::{TestCluster, create_in, require_k8s},
     kubelet::{FakeKubelet, create_ready_pod},
     require_e2e,
+    shop::{HTTP_PORT, NS, TCP_PORT, VIP4, VIP6, baseline_deployment, baseline_service},
 };
 use redirector_user::k8s::crd::{self, RouteGroup, Sandbox};
 use serde_json::{Value, json};
 use support::{BASELINE, READY, eventually};
 
-const NS: &str = "shop";
-const VIP4: &str = "10.96.0.10";
-const VIP6: &str = "fd00:96::10";
-const TCP_PORT: u16 = 8080;
-const HTTP_PORT: u16 = 8081;
 const ROUTER: &str = "10.200.0.1:15001";
 const WAIT: Duration = Duration::from_secs(30);
 const SLOTS: usize = 2;
@@ -73,8 +69,12 @@ impl World {
             .install(&crd::definitions(), NS)
             .await
             .expect("CRDs and namespace");
-        create(&client, baseline_deployment()).await;
-        create(&client, baseline_service()).await;
+        create_in(&client, NS, &baseline_deployment())
+            .await
+            .expect("baseline Deployment");
+        create_in(&client, NS, &baseline_service())
+            .await
+            .expect("baseline Service");
 
         let mut node = Node::new(label).expect("node");
         let baseline = node.add_pod("svc-a").expect("pod");
@@ -250,17 +250,6 @@ impl World {
     }
 }
 
-async fn create<K>(client: &Client, object: K)
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    create_in(client, NS, &object).await.expect("create");
-}
-
 /// A Pod object for a simulated pod, ready, with a sandbox process (the kubelet's part).
 async fn create_pod(
     client: &Client,
@@ -273,40 +262,6 @@ async fn create_pod(
     create_ready_pod(client, node, pod, (NS, name, NODE_NAME), &labels)
         .await
         .expect("ready pod")
-}
-
-fn baseline_deployment() -> Deployment {
-    serde_json::from_value(json!({
-        "metadata": {"name": "svc-a", "namespace": NS},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "svc-a"}},
-            "template": {
-                "metadata": {"labels": {"app": "svc-a", "team": "cart"}},
-                "spec": {"containers": [{
-                    "name": "app", "image": "registry.local/svc-a:main",
-                    "env": [{"name": "FEATURE_X", "value": "off"}],
-                    "ports": [{"name": "http", "containerPort": HTTP_PORT}],
-                }]}
-            }
-        }
-    }))
-    .expect("deployment")
-}
-
-fn baseline_service() -> Service {
-    serde_json::from_value(json!({
-        "metadata": {"name": "svc-a", "namespace": NS},
-        "spec": {
-            "selector": {"app": "svc-a"},
-            "clusterIP": VIP4, "clusterIPs": [VIP4, VIP6], "ipFamilies": ["IPv4", "IPv6"],
-            "ports": [
-                {"name": "tcp", "port": TCP_PORT, "protocol": "TCP"},
-                {"name": "http", "port": HTTP_PORT, "protocol": "TCP", "appProtocol": "http"},
-            ]
-        }
-    }))
-    .expect("service")
 }
 
 async fn apply_sandbox(client: &Client, name: &str, spec: Value) -> Instant {
@@ -764,7 +719,9 @@ async fn a_fork_that_cannot_be_made_or_run_fails_with_the_reason() {
     // A missing baseline that appears later is forked then.
     let mut nope = baseline_deployment();
     nope.metadata.name = Some("nope".into());
-    create(&w.client, nope).await;
+    create_in(&w.client, NS, &nope)
+        .await
+        .expect("Deployment nope");
     assert!(
         until(WAIT, || async {
             w.sandbox("pr-missing").await.is_some_and(|s| is_ready(&s))

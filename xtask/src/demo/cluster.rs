@@ -43,6 +43,7 @@ use redirector_tests::{
     Bridge, Daemon, HttpReq, Node, Pod, Server,
     k8s::TestCluster,
     kubelet::{FakeKubelet, create_ready_pod},
+    shop::{HTTP_PORT, NS, TCP_PORT, VIP4, VIP6, baseline_deployment, baseline_service},
     workspace_bin,
 };
 use serde::Deserialize as _;
@@ -51,15 +52,10 @@ use serde_json::{Value, json};
 use super::{is_root, step};
 use crate::{k8s_testenv, setup};
 
-const NS: &str = "shop";
 const SANDBOX: &str = "pr-123";
 /// What the controller names the fork Deployment and the fork Service.
 const FORK: &str = "svc-a-pr-123";
 const FORK_IMAGE: &str = "registry.local/svc-a:pr-123";
-const VIP4: &str = "10.96.0.10";
-const VIP6: &str = "fd00:96::10";
-const TCP_PORT: u16 = 8080;
-const HTTP_PORT: u16 = 8081;
 const ROUTER: &str = "10.200.0.1:15001";
 const NODE_NAME: &str = "node-a";
 /// What the baseline pod's servers answer as; fork slot N's answer as `fork-slot-N`.
@@ -240,8 +236,8 @@ impl World {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        create(&client, baseline_deployment()?).await?;
-        create(&client, baseline_service()?).await?;
+        create(&client, baseline_deployment()).await?;
+        create(&client, baseline_service()).await?;
         println!(
             "  namespace {NS}: Deployment svc-a (image registry.local/svc-a:main, \
              FEATURE_X=off, pods app=svc-a)"
@@ -864,38 +860,6 @@ async fn create_pod(
 ) -> anyhow::Result<Daemon> {
     let labels = serde_json::from_value(labels)?;
     create_ready_pod(client, node, pod, (NS, &pod.name, NODE_NAME), &labels).await
-}
-
-fn baseline_deployment() -> anyhow::Result<Deployment> {
-    Ok(serde_json::from_value(json!({
-        "metadata": {"name": "svc-a", "namespace": NS},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "svc-a"}},
-            "template": {
-                "metadata": {"labels": {"app": "svc-a", "team": "cart"}},
-                "spec": {"containers": [{
-                    "name": "app", "image": "registry.local/svc-a:main",
-                    "env": [{"name": "FEATURE_X", "value": "off"}],
-                    "ports": [{"name": "http", "containerPort": HTTP_PORT}],
-                }]}
-            }
-        }
-    }))?)
-}
-
-fn baseline_service() -> anyhow::Result<Service> {
-    Ok(serde_json::from_value(json!({
-        "metadata": {"name": "svc-a", "namespace": NS},
-        "spec": {
-            "selector": {"app": "svc-a"},
-            "clusterIP": VIP4, "clusterIPs": [VIP4, VIP6], "ipFamilies": ["IPv4", "IPv6"],
-            "ports": [
-                {"name": "tcp", "port": TCP_PORT, "protocol": "TCP"},
-                {"name": "http", "port": HTTP_PORT, "protocol": "TCP", "appProtocol": "http"},
-            ]
-        }
-    }))?)
 }
 
 fn kubectl_available() -> bool {
