@@ -135,13 +135,24 @@ fn not_root_is_a_clear_error() {
     // A copy nobody can execute wherever the build tree lives.
     let binary = c.node.dir().join("redirector");
     std::fs::copy(support::redirector(), &binary).expect("copy binary");
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&binary)
-        .args(["run", "--config"])
-        .arg(&c.config)
-        .output()
-        .expect("setpriv (util-linux) runs the daemon as nobody");
+    // The copy's write descriptor may live on a moment in a child another test thread forked
+    // meanwhile, and exec then fails with "Text file busy": try again until it is gone.
+    let mut out;
+    let mut tries = 0;
+    loop {
+        out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&binary)
+            .args(["run", "--config"])
+            .arg(&c.config)
+            .output()
+            .expect("setpriv (util-linux) runs the daemon as nobody");
+        tries += 1;
+        if tries == 50 || !String::from_utf8_lossy(&out.stderr).contains("Text file busy") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("redirector must run as root"), "{stderr}");
