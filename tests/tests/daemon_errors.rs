@@ -112,6 +112,10 @@ fn full_route_map_is_refused_and_the_running_state_stays() {
     c.daemon()
         .wait_for_log_from(mark, "reload rejected", Duration::from_secs(60))
         .expect("refused");
+    // The reason is on the lines after the first (one per error), written a moment later.
+    c.daemon()
+        .wait_for_log_from(mark, "the capacity is", Duration::from_secs(10))
+        .expect("the reason follows");
     let logs = c.daemon().logs();
     assert!(logs.contains("map routes is full"), "{logs}");
     assert!(
