@@ -27,6 +27,8 @@ pub mod map_names {
     pub const ROUTER_SOCKETS: &str = "RDR_RSOCKS_v2";
     pub const ROUTE_STATS: &str = "RDR_RSTATS_v2";
     pub const SOCK_STATE: &str = "RDR_SKSTATE_v2";
+    /// Not pinned: the reset requests of one run of the socket iterator (`reset_on_change`).
+    pub const RESETS: &str = "RDR_RESETS_v2";
 
     pub const ALL: [&str; 12] = [
         SERVICES,
@@ -95,6 +97,8 @@ pub mod map_sizes {
     pub const ORIG_DST: u32 = 65_536;
     /// LRU per-CPU: connections steered per route (for metrics); one slot per route.
     pub const ROUTE_STATS: u32 = ROUTES;
+    /// Services whose route for one sandbox changed, per run of the reset iterator.
+    pub const RESETS: u32 = 4_096;
 }
 
 /// Address family tags used in keys and values (not the kernel's AF_* numbers, which differ).
@@ -243,6 +247,24 @@ pub struct SockState {
     pub flags: u32,
 }
 
+/// Value of `RDR_RESETS`, keyed by a service as dialed ([`ServiceKey`]): which of its member
+/// sockets one run of the reset iterator destroys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ResetRequest {
+    /// For [`RESET_ROUTE_CHANGED`]: the route whose change is being applied.
+    pub route: RouteKey,
+    /// `RESET_*`.
+    pub kind: u32,
+}
+
+/// [`ResetRequest::kind`]: the sockets the route (as the maps hold it now) would send
+/// somewhere else than they go.
+pub const RESET_ROUTE_CHANGED: u32 = 0;
+/// [`ResetRequest::kind`]: the sockets that went straight to this HTTP service, bypassing the
+/// node router while it was down.
+pub const RESET_BYPASSED_ROUTER: u32 = 1;
+
 /// [`SockState::flags`]: look in `RDR_REVNAT` for peers other than `fork`.
 pub const SOCK_STATE_REVNAT: u32 = 1;
 
@@ -334,6 +356,7 @@ mod pod {
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RouterConfig {}
+    unsafe impl aya::Pod for ResetRequest {}
 }
 
 #[cfg(test)]

@@ -6,12 +6,15 @@
 //! map error leaves the destination as the application chose it.
 #![no_std]
 #![no_main]
+// The reset iterator calls a kernel function through an inline `call` (see reset.rs).
+#![feature(asm_experimental_arch)]
 
 mod connect;
 mod ctx;
 mod getpeername;
 mod maps;
 mod recvmsg;
+mod reset;
 mod sendmsg;
 mod sockops;
 mod xlate;

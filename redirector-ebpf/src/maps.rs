@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockMap},
 };
 use redirector_common::{
-    EndpointKey, MemberValue, RevNatKey, RouteKey, RouteValue, RouterConfig, ServiceKey,
-    ServiceValue, SockAddr, SockState, map_sizes, stats,
+    EndpointKey, MemberValue, ResetRequest, RevNatKey, RouteKey, RouteValue, RouterConfig,
+    ServiceKey, ServiceValue, SockAddr, SockState, map_sizes, stats,
 };
 
 /// Destinations that have at least one fork. A miss here is the fast path.
@@ -61,6 +61,12 @@ pub(crate) static HANDOFF: LruHashMap<u64, SockAddr> = LruHashMap::pinned(map_si
 #[map(name = "RDR_ORIGDST_v2")]
 pub(crate) static ORIG_DST: LruHashMap<SockAddr, SockAddr> =
     LruHashMap::pinned(map_sizes::ORIG_DST, 0);
+
+/// The services whose sockets one run of the reset iterator (`reset.rs`) may destroy, and
+/// which. Written and cleared by the daemon around each run, so not pinned.
+#[map(name = "RDR_RESETS_v2")]
+pub(crate) static RESETS: HashMap<ServiceKey, ResetRequest> =
+    HashMap::with_max_entries(map_sizes::RESETS, 0);
 
 /// Per-CPU event counters, one slot per `redirector_common::stats` constant.
 #[map(name = "RDR_STATS_v2")]

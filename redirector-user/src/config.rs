@@ -70,6 +70,10 @@ pub struct RouterSettings {
     pub header_read_timeout: Duration,
     /// Largest accepted request header block.
     pub max_header_bytes: usize,
+    /// When the router starts, reset the pods' connections that went straight to a forked
+    /// HTTP service while it was down (the daemon was stopped), so that they come back through
+    /// it and their requests are routed again. Off by default: it aborts connections that work.
+    pub reset_bypassed: bool,
 }
 
 impl Default for RouterSettings {
@@ -84,6 +88,7 @@ impl Default for RouterSettings {
             idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
+            reset_bypassed: false,
         }
     }
 }
@@ -255,6 +260,10 @@ struct RawRouter {
     idle_timeout_ms: Option<Spanned<u64>>,
     header_read_timeout_ms: Option<Spanned<u64>>,
     max_header_bytes: Option<Spanned<u64>>,
+    /// At start, reset the connections that went straight to HTTP services while the router
+    /// was down.
+    #[serde(default)]
+    reset_bypassed: bool,
 }
 
 #[derive(Deserialize)]
@@ -294,6 +303,8 @@ struct RawRoute {
     forks: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     on_fork_error: ForkErrorPolicy,
+    /// Reset the member sockets the route steered when it changes (TCP services only).
+    reset_on_change: Option<Spanned<bool>>,
 }
 
 // === validation ===
@@ -512,10 +523,13 @@ key_name = "My-Key"
 extra_key_headers = ["x-sandbox"]
 upstream_header = "x-redirector-upstream"
 connect_timeout_ms = 500
+reset_bypassed = true
 "#,
         )
         .expect("valid");
         let router = config.router;
+        assert!(router.reset_bypassed);
+        assert!(!RouterSettings::default().reset_bypassed, "off by default");
         assert_eq!(router.listen.len(), 2);
         assert_eq!(router.key_name, "My-Key");
         assert_eq!(router.extra_key_headers[0], "x-sandbox");
@@ -574,6 +588,63 @@ max_header_bytes = 10
         );
         let bad = text.replace("\"baseline\" }", "\"retry\" }");
         assert_eq!(errors(&bad).len(), 1);
+    }
+
+    #[test]
+    fn reset_on_change_is_per_route_and_off_by_default() {
+        let text = GOOD.replace(
+            "{ service = \"svc-a\", fork = \"10.0.1.7:8080\" }",
+            "{ service = \"svc-a\", fork = \"10.0.1.7:8080\", reset_on_change = true }",
+        );
+        let config = parse(&text).expect("valid");
+        let routes = &config.state.sandboxes["pr-123"].routes;
+        assert!(routes["svc-a"].reset_on_change);
+        assert!(!routes["db"].reset_on_change, "absent: off");
+        let off = text.replace("reset_on_change = true", "reset_on_change = false");
+        assert_eq!(parse(&off).expect("valid"), parse(GOOD).expect("valid"));
+    }
+
+    #[test]
+    fn reset_on_change_must_be_a_boolean() {
+        let text = GOOD.replace(
+            "{ service = \"db\", fork = \"[fd00:1::7]:5432\" }",
+            "{ service = \"db\", fork = \"[fd00:1::7]:5432\",\n    reset_on_change = \"yes\" }",
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("bool"), "{errs:?}");
+        assert_eq!(errs[0].line, at(&text, "reset_on_change").0, "{errs:?}");
+    }
+
+    #[test]
+    fn reset_on_change_is_refused_on_udp_services_with_its_location() {
+        let text = GOOD.replace(
+            "  { service = \"db\"",
+            "  { service = \"dns\", fork = \"10.0.1.53:53\", reset_on_change = true },\n  { service = \"db\"",
+        );
+        let (line, column) = at(&text, "true }");
+        assert_eq!(
+            located(&text),
+            [(
+                line,
+                column,
+                "sandbox[0].routes[1].reset_on_change".to_owned(),
+                "reset_on_change resets TCP connections; service \"dns\" is UDP".to_owned()
+            )]
+        );
+        // Off, or on a TCP service, it is fine.
+        assert!(parse(&text.replace("reset_on_change = true", "reset_on_change = false")).is_ok());
+        // A fragment is checked where the service is known; the daemon checks the rest against
+        // its whole state (`DesiredState::validate`).
+        let fragment = format!(
+            "{}\n[[sandbox]]\nkey = \"pr-9\"\nroutes = [{{ service = \"elsewhere\", fork = \"10.0.0.1:53\", reset_on_change = true }}]\n",
+            "[[service]]\nname = \"dns\"\naddress = \"10.96.0.53:53\"\nprotocol = \"udp\"\n"
+        );
+        let state = parse_fragment(&fragment).expect("fragment");
+        assert!(state.sandboxes["pr-9"].routes["elsewhere"].reset_on_change);
+        let errs = parse_fragment(&fragment.replace("\"elsewhere\"", "\"dns\"")).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "sandbox[0].routes[0].reset_on_change");
     }
 
     #[test]

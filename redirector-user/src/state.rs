@@ -39,6 +39,20 @@ pub struct Service {
     pub protocol: Protocol,
 }
 
+impl Service {
+    /// Why a route to this service cannot have `reset_on_change` set, if it cannot: the reset
+    /// ends TCP connections, and a UDP service has none. The one statement of the rule, for
+    /// the config file (located) and [`DesiredState::validate`] (every source) alike.
+    pub fn reset_on_change_refusal(&self, reset_on_change: bool) -> Option<String> {
+        (reset_on_change && self.protocol == Protocol::Udp).then(|| {
+            format!(
+                "reset_on_change resets TCP connections; service {:?} is UDP",
+                self.name
+            )
+        })
+    }
+}
+
 /// What the node router does when a request's fork cannot be reached.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -56,6 +70,10 @@ pub struct Route {
     /// A set: sorted, without repeats, and not empty ([`Route::new`] makes it so).
     pub forks: Vec<SocketAddr>,
     pub on_fork_error: ForkErrorPolicy,
+    /// When the route changes (added, moved, removed), the member sockets it steered or would
+    /// now steer elsewhere are reset, so that long-lived connections (pools) follow it. L4 only:
+    /// requests through the node router follow route changes by themselves.
+    pub reset_on_change: bool,
 }
 
 impl Route {
@@ -70,6 +88,7 @@ impl Route {
         (!forks.is_empty()).then_some(Route {
             forks,
             on_fork_error,
+            reset_on_change: false,
         })
     }
 }
@@ -224,6 +243,11 @@ impl DesiredState {
                                     service.address
                                 ),
                             );
+                        }
+                        if let Some(message) =
+                            service.reset_on_change_refusal(route.reset_on_change)
+                        {
+                            issue(field, message);
                         }
                     }
                 }
@@ -431,6 +455,7 @@ mod tests {
             Route {
                 forks: vec!["10.0.0.2:80".parse().unwrap(); 2],
                 on_fork_error: ForkErrorPolicy::Error,
+                reset_on_change: false,
             },
         );
         let messages: Vec<String> = state
@@ -472,6 +497,36 @@ mod tests {
                 "service \"nope\" key_from: unknown service \"nope\"",
             ]
         );
+    }
+
+    #[test]
+    fn reset_on_change_is_refused_on_udp_services() {
+        let mut state = state();
+        for key in ["pr-1", "pr-2"] {
+            let sandbox = state.sandboxes.get_mut(key).unwrap();
+            for route in sandbox.routes.values_mut() {
+                route.reset_on_change = true;
+            }
+        }
+        // TCP services take it, HTTP ones too (members reach them at L4).
+        assert_eq!(state.validate(), Ok(()));
+        state.services.get_mut("b").unwrap().protocol = Protocol::Udp;
+        let messages: Vec<String> = state
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|i| format!("{}: {}", i.field, i.message))
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "sandbox \"pr-2\" route \"b\": reset_on_change resets TCP connections; service \"b\" is UDP"
+            ]
+        );
+        // Off, a UDP route is fine.
+        let route = state.sandboxes.get_mut("pr-2").unwrap().routes.get_mut("b");
+        route.unwrap().reset_on_change = false;
+        assert_eq!(state.validate(), Ok(()));
     }
 
     #[test]

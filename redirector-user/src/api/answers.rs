@@ -138,6 +138,32 @@ pub struct StatsAnswer {
     pub routes: Vec<RouteStats>,
     /// None: no node router.
     pub router: Option<BTreeMap<String, u64>>,
+    /// The last route changes that reset member sockets (`reset_on_change`), oldest first.
+    #[serde(default)]
+    pub resets: Vec<ResetReport>,
+    /// Why this node cannot reset sockets, if it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_unavailable: Option<String>,
+}
+
+/// What one reset of connections did: after a route change (`reset_on_change`), in one
+/// routing key's member namespaces, or at start for the router (`router.reset_bypassed`), in
+/// every pod's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetReport {
+    /// Unix time of the change, in seconds.
+    pub at: u64,
+    #[serde(default)]
+    pub cause: ResetCause,
+    /// The routing key whose members were reset; empty for [`ResetCause::RouterBack`].
+    pub sandbox: String,
+    /// The services whose route changed.
+    pub services: Vec<String>,
+    /// Member sockets closed.
+    pub closed: u64,
+    /// Member namespaces the iterator could not run in, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 /// The kernel's event counters by name, or why they could not be read.
@@ -164,6 +190,17 @@ pub struct RouteStats {
     pub sandbox: String,
     pub service: String,
     pub steered: u64,
+}
+
+/// Why connections were reset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetCause {
+    /// A route with `reset_on_change` changed.
+    #[default]
+    RouteChange,
+    /// The router started (`router.reset_bypassed`): connections that went around it.
+    RouterBack,
 }
 
 /// The answer to every successful change: the counts it leaves behind.

@@ -32,6 +32,11 @@ pub struct RouteSpec {
     pub fork: Option<String>,
     #[serde(default)]
     pub on_fork_error: ForkErrorPolicy,
+    /// Reset the member sockets this route steered when it changes, so that pooled connections
+    /// follow it (TCP services only). Off when absent; left out when off, so that state files
+    /// stay readable by daemons from before it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset_on_change: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +215,15 @@ impl RouteSpec {
             forks: forks.into_iter().map(Into::into).collect(),
             fork: None,
             on_fork_error,
+            reset_on_change: false,
+        }
+    }
+
+    /// This route with `reset_on_change` set to `on`.
+    pub fn with_reset_on_change(self, on: bool) -> RouteSpec {
+        RouteSpec {
+            reset_on_change: on,
+            ..self
         }
     }
 
@@ -250,7 +264,10 @@ impl RouteSpec {
         if issues.len() > before {
             return None;
         }
-        Route::new(forks, self.on_fork_error)
+        Route::new(forks, self.on_fork_error).map(|route| Route {
+            reset_on_change: self.reset_on_change,
+            ..route
+        })
     }
 
     pub fn from_state(service: &str, route: &Route) -> RouteSpec {
@@ -259,6 +276,7 @@ impl RouteSpec {
             route.forks.iter().map(SocketAddr::to_string),
             route.on_fork_error,
         )
+        .with_reset_on_change(route.reset_on_change)
     }
 }
 
@@ -547,6 +565,59 @@ mod tests {
                 .unwrap()
                 .get("inject_key")
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn reset_on_change_is_off_unless_given_and_carried_to_the_state() {
+        let old = route(serde_json::json!({"service": "a", "forks": ["10.0.0.1:80"]})).unwrap();
+        assert!(!old.reset_on_change);
+        let answer = serde_json::to_value(RouteSpec::from_state("a", &old)).unwrap();
+        assert!(answer.get("reset_on_change").is_none(), "{answer}");
+
+        let on = route(serde_json::json!({"service": "a", "forks": ["10.0.0.1:80"],
+            "reset_on_change": true}))
+        .unwrap();
+        assert!(on.reset_on_change);
+        let spec = RouteSpec::from_state("a", &on);
+        assert!(spec.reset_on_change);
+        assert_eq!(
+            serde_json::to_value(&spec).unwrap()["reset_on_change"],
+            true
+        );
+        // Through a whole sandbox too, as the state file keeps it.
+        let sandbox: SandboxSpec = serde_json::from_value(serde_json::json!({"key": "k",
+            "routes": [{"service": "a", "forks": ["10.0.0.1:80"], "reset_on_change": true}]}))
+        .unwrap();
+        let state = sandbox.to_state(&mut Vec::new());
+        assert!(state.routes["a"].reset_on_change);
+        assert_eq!(SandboxSpec::from_state(&state), sandbox);
+        assert!(
+            serde_json::from_value::<RouteSpec>(serde_json::json!({"service": "a",
+                "forks": ["10.0.0.1:80"], "reset_on_change": "yes"}))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn reset_on_change_on_a_udp_service_is_refused() {
+        let spec: StateSpec = serde_json::from_value(serde_json::json!({
+            "services": [{"name": "dns", "address": "10.96.0.53:53", "protocol": "udp"}],
+            "sandboxes": [{"key": "k", "routes": [{"service": "dns",
+                "forks": ["10.0.0.1:53"], "reset_on_change": true}]}]
+        }))
+        .expect("valid json");
+        let issues = spec
+            .to_state()
+            .expect("well-formed")
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            issues,
+            [Issue {
+                field: "sandbox \"k\" route \"dns\"".into(),
+                message: "reset_on_change resets TCP connections; service \"dns\" is UDP".into()
+            }]
         );
     }
 

@@ -112,6 +112,10 @@ pub struct SandboxCreateArgs {
     /// What the node router does when a fork is down.
     #[arg(long, value_enum, default_value_t = PolicyArg::Error)]
     pub on_fork_error: PolicyArg,
+    /// Reset the members' TCP connections these routes steered when they change, so pooled
+    /// connections follow them (Linux 6.5+).
+    #[arg(long)]
+    pub reset_on_change: bool,
     /// Route the members' requests to HTTP services that carry no routing key as this
     /// sandbox's, adding the key (for members that do not propagate it).
     #[arg(long)]
@@ -170,8 +174,38 @@ pub struct RouteAddArgs {
     pub forks: ForksArg,
     #[arg(long, value_enum, default_value_t = PolicyArg::Error)]
     pub on_fork_error: PolicyArg,
+    /// Reset the members' TCP connections this route steered when it changes, so pooled
+    /// connections follow it (Linux 6.5+).
+    #[arg(long)]
+    pub reset_on_change: bool,
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+impl SandboxCreateArgs {
+    /// The sandbox the command creates: every route with the command's policies.
+    fn spec(&self) -> SandboxSpec {
+        SandboxSpec {
+            key: self.key.clone(),
+            members: self.members.clone(),
+            routes: self
+                .routes
+                .iter()
+                .map(|r| {
+                    RouteSpec::new(&r.service, &r.forks, self.on_fork_error.into())
+                        .with_reset_on_change(self.reset_on_change)
+                })
+                .collect(),
+            inject_key: self.inject_key,
+        }
+    }
+}
+
+impl RouteAddArgs {
+    fn spec(&self) -> RouteSpec {
+        RouteSpec::new(&self.service, &self.forks.0, self.on_fork_error.into())
+            .with_reset_on_change(self.reset_on_change)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -387,16 +421,7 @@ async fn list(
 pub async fn sandbox(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         SandboxCommand::Create(args) => {
-            let spec = SandboxSpec {
-                key: args.key.clone(),
-                members: args.members,
-                routes: args
-                    .routes
-                    .into_iter()
-                    .map(|r| RouteSpec::new(r.service, r.forks, args.on_fork_error.into()))
-                    .collect(),
-                inject_key: args.inject_key,
-            };
+            let spec = args.spec();
             put(&args.api, "sandboxes", &args.key, spec, "sandbox").await
         }
         SandboxCommand::Delete(args) => delete(&args.api, "sandboxes", &args.key, "sandbox").await,
@@ -412,11 +437,7 @@ pub async fn sandbox(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
 pub async fn route(cmd: RouteCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         RouteCommand::Add(args) => {
-            let spec = RouteSpec::new(
-                args.service.clone(),
-                args.forks.0.clone(),
-                args.on_fork_error.into(),
-            );
+            let spec = args.spec();
             let path = format!(
                 "/v1/sandboxes/{}/routes/{}",
                 segment(&args.sandbox),
@@ -570,6 +591,56 @@ mod tests {
         };
         assert!(!inject(&[]));
         assert!(inject(&["--inject-key"]));
+    }
+
+    #[test]
+    fn reset_on_change_is_off_unless_asked_and_goes_into_every_route() {
+        let sandbox = |extra: &[&str]| {
+            let mut args = vec![
+                "sandbox",
+                "create",
+                "pr-1",
+                "--route",
+                "svc-a=10.0.1.7:8080",
+                "--route",
+                "db=10.0.1.8:5432",
+            ];
+            args.extend(extra);
+            match parse(&args) {
+                Ok(Command::Sandbox(SandboxCommand::Create(args))) => args.spec(),
+                other => panic!("sandbox create parses: {other:?}"),
+            }
+        };
+        assert!(sandbox(&[]).routes.iter().all(|r| !r.reset_on_change));
+        let spec = sandbox(&["--reset-on-change"]);
+        assert_eq!(spec.routes.len(), 2);
+        assert!(spec.routes.iter().all(|r| r.reset_on_change), "{spec:?}");
+
+        let route = |extra: &[&str]| {
+            let mut args = vec!["route", "add", "pr-1", "svc-a", "10.0.1.7:8080"];
+            args.extend(extra);
+            match parse(&args) {
+                Ok(Command::Route(RouteCommand::Add(args))) => args.spec(),
+                other => panic!("route add parses: {other:?}"),
+            }
+        };
+        assert!(!route(&[]).reset_on_change);
+        let spec = route(&["--reset-on-change", "--on-fork-error", "baseline"]);
+        assert!(spec.reset_on_change);
+        assert_eq!(spec.on_fork_error, ForkErrorPolicy::Baseline);
+        assert_eq!(spec.forks, ["10.0.1.7:8080"]);
+        // A flag, not an option that takes a value.
+        assert!(
+            parse(&[
+                "route",
+                "add",
+                "pr-1",
+                "svc-a",
+                "10.0.1.7:8080",
+                "--reset-on-change=yes"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@ use comfy_table::{Table, presets};
 use serde_json::Value;
 
 use crate::api::answers::{
-    KernelCounters, KubernetesStatus, MemberState, MemberStatus, StatsAnswer, StatusAnswer,
+    KernelCounters, KubernetesStatus, MemberState, MemberStatus, ResetCause, StatsAnswer,
+    StatusAnswer,
 };
 
 fn table(header: &[&str]) -> Table {
@@ -71,13 +72,26 @@ pub fn sandboxes(value: &Value) -> String {
 }
 
 pub fn routes(value: &Value) -> String {
-    let mut t = table(&["SANDBOX", "SERVICE", "FORKS", "ON FORK ERROR", "ORIGIN"]);
+    let mut t = table(&[
+        "SANDBOX",
+        "SERVICE",
+        "FORKS",
+        "ON FORK ERROR",
+        "ON CHANGE",
+        "ORIGIN",
+    ]);
     for r in rows(value) {
         t.add_row(vec![
             s(&r["sandbox"]),
             s(&r["service"]),
             forks(r),
             s(&r["on_fork_error"]),
+            // `reset_on_change` is left out of answers when off.
+            if r["reset_on_change"] == true {
+                "reset".to_owned()
+            } else {
+                "-".to_owned()
+            },
             s(&r["origin"]),
         ]);
     }
@@ -279,6 +293,32 @@ pub fn stats(answer: &StatsAnswer) -> String {
         ]);
     }
     out.push_str(&format!("{t}\n"));
+    if !answer.resets.is_empty() {
+        let mut t = table(&[
+            "ROUTE CHANGE (UNIX TIME)",
+            "SANDBOX",
+            "SERVICES",
+            "SOCKETS RESET",
+        ]);
+        for r in &answer.resets {
+            let closed = if r.errors.is_empty() {
+                r.closed.to_string()
+            } else {
+                format!("{} ({} namespaces failed)", r.closed, r.errors.len())
+            };
+            let who = match r.cause {
+                ResetCause::RouteChange => r.sandbox.clone(),
+                ResetCause::RouterBack => "(router back: any pod)".to_owned(),
+            };
+            t.add_row(vec![r.at.to_string(), who, r.services.join(","), closed]);
+        }
+        out.push_str(&format!("\n{t}\n"));
+    }
+    if let Some(why) = &answer.reset_unavailable {
+        out.push_str(&format!(
+            "\nreset_on_change unavailable on this node: {why}\n"
+        ));
+    }
     out
 }
 
@@ -286,6 +326,37 @@ pub fn stats(answer: &StatsAnswer) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn stats_show_what_route_changes_reset() {
+        let answer: StatsAnswer = serde_json::from_value(json!({
+            "kernel": {"steered": 2}, "routes": [], "router": null,
+            "resets": [{"at": 1_700_000_000u64, "sandbox": "pr-1", "services": ["db", "cache"],
+                        "closed": 3},
+                       {"at": 1_700_000_060u64, "sandbox": "pr-2", "services": ["db"],
+                        "closed": 0, "errors": ["/run/netns/x: gone"]},
+                       {"at": 1_700_000_090u64, "cause": "router_back", "sandbox": "",
+                        "services": ["web"], "closed": 4}]
+        }))
+        .unwrap();
+        let text = stats(&answer);
+        assert!(text.contains("SOCKETS RESET"), "{text}");
+        assert!(text.contains("db,cache") && text.contains('3'), "{text}");
+        assert!(text.contains("0 (1 namespaces failed)"), "{text}");
+        assert!(text.contains("(router back: any pod)"), "{text}");
+        assert!(!text.contains("unavailable"), "{text}");
+        // A daemon from before resets existed answers without them.
+        let old: StatsAnswer = serde_json::from_value(json!({
+            "kernel": {}, "routes": [], "router": null
+        }))
+        .unwrap();
+        assert!(!stats(&old).contains("SOCKETS RESET"));
+        let unavailable = StatsAnswer {
+            reset_unavailable: Some("the kernel has no bpf_sock_destroy".into()),
+            ..old
+        };
+        assert!(stats(&unavailable).contains("unavailable on this node: the kernel has no"));
+    }
 
     #[test]
     fn sandbox_table() {
@@ -310,6 +381,33 @@ mod tests {
         assert!(text.contains("FORKS"), "{text}");
         assert!(
             text.contains("10.0.0.1:80,10.0.0.2:80,10.0.0.3:80"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn route_table_says_which_routes_reset_on_change() {
+        let text = routes(&json!([
+            {"sandbox": "pr-1", "service": "svc-a", "origin": "api", "forks": ["10.0.0.1:80"],
+             "on_fork_error": "error", "reset_on_change": true},
+            {"sandbox": "pr-1", "service": "db", "origin": "api", "forks": ["10.0.0.2:5432"],
+             "on_fork_error": "baseline"},
+        ]));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("ON CHANGE"), "{text}");
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[1]),
+            ["pr-1", "svc-a", "10.0.0.1:80", "error", "reset", "api"],
+            "{text}"
+        );
+        assert_eq!(
+            cells(lines[2]),
+            ["pr-1", "db", "10.0.0.2:5432", "baseline", "-", "api"],
             "{text}"
         );
     }

@@ -152,6 +152,12 @@ impl Validator<'_> {
                         format!("sandbox {key:?} already routes service {service_name:?}"),
                     );
                 }
+                let reset_on_change = route.reset_on_change.as_ref();
+                if let (Some(flag), Some(service)) = (reset_on_change, service)
+                    && let Some(message) = service.reset_on_change_refusal(*flag.get_ref())
+                {
+                    self.error(flag.span(), f("reset_on_change"), message);
+                }
                 let Some(forks) =
                     self.route_forks(spanned, &field(&format!("routes[{j}]")), service)
                 else {
@@ -163,6 +169,7 @@ impl Validator<'_> {
                         Route {
                             forks,
                             on_fork_error: route.on_fork_error,
+                            reset_on_change: reset_on_change.is_some_and(|flag| *flag.get_ref()),
                         },
                     );
                 }
@@ -533,6 +540,7 @@ impl Validator<'_> {
             settings.listen.push(parsed);
         }
 
+        settings.reset_bypassed = raw.reset_bypassed;
         if let Some(name) = raw.key_name {
             let valid = !name.get_ref().is_empty()
                 && http::HeaderName::from_bytes(format!("uberctx-{}", name.get_ref()).as_bytes())

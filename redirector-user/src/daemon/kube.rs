@@ -144,6 +144,7 @@ mod tests {
                 Route {
                     forks: vec![fork.parse().unwrap()],
                     on_fork_error: ForkErrorPolicy::Error,
+                    reset_on_change: false,
                 },
             )]);
             s.sandboxes.insert(

@@ -7,6 +7,7 @@
 //! are handled one at a time, each applied whole or not at all.
 mod kube;
 mod persist;
+mod resets;
 mod status;
 mod sync;
 mod watch;
@@ -244,6 +245,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         adopted = ?report.adopted,
         "programs in place"
     );
+    if let Err(err) = &kernel.resetter {
+        warn!(error = %crate::error_chain(err),
+            "routes with reset_on_change apply to new connections only on this node: \
+            live connections cannot be reset");
+    }
     for stale in &report.detached {
         info!(pins = %stale.display(), "detached programs of a cgroup no longer configured");
     }
@@ -282,6 +288,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let mut sync = Sync::new(kernel, table, handoff);
     let applied = sync.apply(&merged).context("applying the desired state")?;
+    if router.is_some() && file.router.reset_bypassed {
+        sync.reset_bypassed(&merged, &placement.cgroup);
+    }
     if !report.superseded.is_empty() {
         // Ours have run beside them since `start`, and the maps now hold the desired state.
         programs::retire(&placement.bpffs, &report.superseded);

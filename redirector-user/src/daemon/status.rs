@@ -332,6 +332,14 @@ fn stats(daemon: &Daemon) -> StatsAnswer {
         kernel,
         routes,
         router,
+        resets: daemon.sync.resets.recent(),
+        reset_unavailable: daemon
+            .sync
+            .kernel
+            .resetter
+            .as_ref()
+            .err()
+            .map(|err| crate::error_chain(err)),
     }
 }
 

@@ -5,6 +5,11 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
+use super::resets::{self, ResetLog};
+use crate::{
+    api::answers::ResetCause,
+    kernel::reset::{MemberResets, ResetError},
+};
 use crate::{
     kernel::{
         maps::{Handoff, Ids, KernelState, MemberCookies, SyncError, encode},
@@ -35,6 +40,10 @@ pub struct Sync {
     /// its addresses cannot tell its requests apart.
     own_netns: Option<Option<u64>>,
     pub unresolved_members: usize,
+    /// The state of the last apply, to tell which routes a new one changes.
+    applied: Option<DesiredState>,
+    /// What route changes reset (`reset_on_change`).
+    pub resets: ResetLog,
 }
 
 pub struct Applied {
@@ -54,6 +63,8 @@ impl Sync {
             addresses: MemberAddresses::new(),
             own_netns: None,
             unresolved_members: 0,
+            applied: None,
+            resets: ResetLog::default(),
         }
     }
 
@@ -111,7 +122,68 @@ impl Sync {
         self.written = Some(encoded);
         self.resolved = cookies;
         self.addresses = addresses;
+        if changed && let Some(before) = self.applied.take() {
+            self.reset_moved_sockets(&before, desired);
+        }
+        self.applied = Some(desired.clone());
         Ok(Applied { members, changed })
+    }
+
+    /// Resets the member sockets of the routes with `reset_on_change` that this apply moved,
+    /// now that the maps say where their new connections go. The daemon's first apply resets
+    /// nothing: it cannot know what changed while it was not running.
+    fn reset_moved_sockets(&mut self, before: &DesiredState, after: &DesiredState) {
+        let Some(ids) = &self.ids else { return };
+        for plan in resets::plan(before, after, ids) {
+            let Some(outcome) = self.kernel.reset_sockets(&plan.requests, &plan.members) else {
+                warn!(sandbox = %plan.key, services = ?plan.services,
+                    "route changed with reset_on_change, but this kernel cannot reset sockets");
+                continue;
+            };
+            let (closed, errors) = tally(outcome, false);
+            if errors.is_empty() {
+                info!(sandbox = %plan.key, services = ?plan.services, closed,
+                    "route changed: member connections reset");
+            } else {
+                warn!(sandbox = %plan.key, services = ?plan.services, closed, ?errors,
+                    "route changed: member connections reset, some namespaces failed");
+            }
+            self.resets.record(
+                ResetCause::RouteChange,
+                &plan.key,
+                &plan.services,
+                closed,
+                errors,
+            );
+        }
+    }
+
+    /// Resets the connections that pods in `cgroup` opened straight to a forked HTTP service
+    /// while the router was down, so that they come back through it (`router.reset_bypassed`).
+    /// Call once the router is up and the maps hold `desired`.
+    pub fn reset_bypassed(&mut self, desired: &DesiredState, cgroup: &Path) {
+        let Some(written) = &self.written else { return };
+        let (services, requests) = resets::bypassed(desired, written);
+        if requests.is_empty() {
+            return;
+        }
+        let namespaces = match netns::of_cgroup(cgroup) {
+            Ok(namespaces) => namespaces,
+            Err(err) => {
+                warn!(cgroup = %cgroup.display(), error = %err,
+                    "cannot list the pods' network namespaces; no connection reset");
+                return;
+            }
+        };
+        let Some(outcome) = self.kernel.reset_sockets(&requests, &namespaces) else {
+            warn!("router.reset_bypassed is set, but this kernel cannot reset sockets");
+            return;
+        };
+        let (closed, errors) = tally(outcome, true);
+        info!(services = ?services, namespaces = namespaces.len(), closed,
+            "router up: connections that bypassed it reset");
+        self.resets
+            .record(ResetCause::RouterBack, "", &services, closed, errors);
     }
 
     /// The cookie of every member path of `desired` now. Paths that do not resolve are left
@@ -175,4 +247,27 @@ impl Sync {
         self.unresolved_members = unresolved;
         (cookies, addresses)
     }
+}
+
+/// Sockets closed by one reset, and the namespaces it could not run in. With `vanishing`, the
+/// namespaces are those of processes listed a moment before, so one whose process exited
+/// meanwhile is not an error.
+fn tally(outcome: Result<Vec<MemberResets>, ResetError>, vanishing: bool) -> (u64, Vec<String>) {
+    let mut closed = 0;
+    let mut errors = Vec::new();
+    match outcome {
+        Ok(namespaces) => {
+            for (path, result) in namespaces {
+                match result {
+                    Ok(reset) => closed += reset.len() as u64,
+                    Err(netns::NetnsError::Open { .. }) if vanishing => {}
+                    Err(err) => {
+                        errors.push(format!("{}: {}", path.display(), crate::error_chain(&err)));
+                    }
+                }
+            }
+        }
+        Err(err) => errors.push(crate::error_chain(&err)),
+    }
+    (closed, errors)
 }

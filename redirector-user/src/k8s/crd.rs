@@ -112,6 +112,11 @@ pub struct Fork {
     /// (default) or send it to the baseline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_fork_error: Option<OnForkError>,
+    /// When this fork's routes change (the fork is added or removed, its endpoints move), reset
+    /// the members' TCP connections they steered or would now steer elsewhere, so that pooled
+    /// connections follow the change (Linux 6.5+; UDP ports are left alone). Off by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_on_change: Option<bool>,
 }
 
 /// A baseline workload, in the Sandbox's namespace unless another is given.
@@ -336,6 +341,7 @@ impl Sandbox {
                     to: to.clone(),
                     to_namespace: own_ns.clone(),
                     on_fork_error: fork.on_fork_error,
+                    reset_on_change: fork.reset_on_change.unwrap_or(false),
                 })),
                 (Some(of), _, None) => {
                     let ns = of.namespace.clone().unwrap_or(own_ns.clone());
@@ -364,6 +370,7 @@ impl Sandbox {
                             },
                             to_namespace: ns.clone(),
                             on_fork_error: fork.on_fork_error,
+                            reset_on_change: fork.reset_on_change.unwrap_or(false),
                         }));
                     }
                 }
@@ -436,6 +443,8 @@ pub struct RoutedFork {
     /// Where `to` is looked up.
     pub to_namespace: String,
     pub on_fork_error: Option<OnForkError>,
+    /// `resetOnChange` (false when not given).
+    pub reset_on_change: bool,
 }
 
 /// Every CRD redirector defines.
@@ -564,6 +573,65 @@ spec:
         ] {
             assert!(parse_ttl(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn reset_on_change_is_read_in_both_fork_forms_and_carried_to_the_routes() {
+        let mut sandbox: Sandbox = serde_yaml_ng::from_str(
+            r#"
+apiVersion: redirector.dev/v1alpha1
+kind: Sandbox
+metadata: {name: pr-1, namespace: shop}
+spec:
+  forks:
+  - forkOf: {kind: Deployment, name: svc-a}
+    resetOnChange: true
+  - service: {name: db}
+    to: {service: db-pr-1}
+    resetOnChange: true
+  - service: {name: cache}
+    to: {service: cache-pr-1}
+"#,
+        )
+        .expect("parses");
+        let flags: Vec<Option<bool>> = sandbox
+            .spec
+            .forks
+            .iter()
+            .map(|f| f.reset_on_change)
+            .collect();
+        assert_eq!(flags, [Some(true), Some(true), None]);
+        let yaml = serde_yaml_ng::to_string(&sandbox.spec).expect("serializes");
+        assert_eq!(yaml.matches("resetOnChange: true").count(), 2, "{yaml}");
+        assert!(!yaml.contains("reset_on_change"), "{yaml}");
+
+        sandbox.status = Some(SandboxStatus {
+            forks: vec![ForkStatus {
+                fork_of: "Deployment/svc-a".into(),
+                namespace: "shop".into(),
+                deployment: "svc-a-pr-1".into(),
+                services: vec![ForkedService {
+                    baseline: "svc-a".into(),
+                    fork: "svc-a-pr-1".into(),
+                }],
+                ..ForkStatus::default()
+            }],
+            ..SandboxStatus::default()
+        });
+        let routed: Vec<(String, bool)> = sandbox
+            .routed_forks()
+            .into_iter()
+            .map(|r| r.expect("routed"))
+            .map(|r| (r.service, r.reset_on_change))
+            .collect();
+        assert_eq!(
+            routed,
+            [
+                ("svc-a".to_owned(), true),
+                ("db".to_owned(), true),
+                ("cache".to_owned(), false)
+            ]
+        );
     }
 
     #[test]

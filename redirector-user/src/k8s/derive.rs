@@ -549,10 +549,21 @@ impl<'a> Index<'a> {
                     address: SocketAddr::new(*ip, number),
                     protocol,
                 };
+                // A fork takes every port of its Service: on a UDP port, which has no
+                // connection to reset, `resetOnChange` is left off rather than the whole
+                // Sandbox refused.
+                let reset_on_change =
+                    fork.reset_on_change && service.reset_on_change_refusal(true).is_none();
                 // No ready endpoint in this family: no route, so the baseline keeps serving
                 // (a fork that is down is not a reason to break its service).
                 if let Some(route) = Route::new(endpoints, policy) {
-                    out.push((service, route));
+                    out.push((
+                        service,
+                        Route {
+                            reset_on_change,
+                            ..route
+                        },
+                    ));
                 }
             }
         }
@@ -956,6 +967,31 @@ mod tests {
         snapshot.sandboxes = vec![sandbox("pr-1", spec)];
         let derived = derive_claimed(&snapshot, &netns_for_all(&snapshot));
         assert!(derived.state.sandboxes["pr-1"].inject_key);
+    }
+
+    #[test]
+    fn reset_on_change_is_carried_from_the_fork_to_its_tcp_ports() {
+        let mut snapshot = world();
+        let derived = derive_claimed(&snapshot, &netns_for_all(&snapshot));
+        let routes = &derived.state.sandboxes["pr-1"].routes;
+        assert!(
+            routes.values().all(|r| !r.reset_on_change),
+            "off by default"
+        );
+
+        let mut spec = fork_of("svc-a", "svc-a-fork");
+        spec["forks"][0]["resetOnChange"] = json!(true);
+        snapshot.sandboxes = vec![sandbox("pr-1", spec)];
+        let derived = derive_claimed(&snapshot, &netns_for_all(&snapshot));
+        assert_eq!(derived.issues, [], "a UDP port does not refuse the Sandbox");
+        let routes = &derived.state.sandboxes["pr-1"].routes;
+        assert_eq!(routes.len(), 8, "4 ports x 2 families");
+        for (name, route) in routes {
+            let udp = derived.state.services[name].protocol == Protocol::Udp;
+            assert_eq!(route.reset_on_change, !udp, "{name}");
+        }
+        assert!(routes["k8s:shop/svc-a:web"].reset_on_change, "HTTP is TCP");
+        assert!(!routes["k8s:shop/svc-a:dns/v6"].reset_on_change);
     }
 
     #[test]

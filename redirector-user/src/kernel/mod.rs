@@ -1,7 +1,9 @@
 //! Everything that touches the kernel: prerequisites, program loading and attachment, the maps,
-//! network-namespace cookies, and the process limits the router needs.
+//! network-namespace cookies, resetting sockets after route changes, and the process limits the router needs.
+pub mod kfunc;
 pub mod limits;
 pub mod maps;
 pub mod netns;
 pub mod prereq;
 pub mod programs;
+pub mod reset;

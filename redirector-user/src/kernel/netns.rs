@@ -28,6 +28,12 @@ pub enum NetnsError {
     },
     #[error("{path} is not a namespace file (not on nsfs)")]
     NotNamespace { path: PathBuf },
+    #[error("cannot work inside the network namespace at {path}")]
+    Inside {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot read the network namespace cookie of {path}")]
     Cookie {
         path: PathBuf,
@@ -163,6 +169,88 @@ pub fn addresses(path: &Path) -> Result<Vec<std::net::IpAddr>, NetnsError> {
     })
 }
 
+/// Runs `work` inside the network namespace at each of `paths` in turn, on one worker thread
+/// (the caller's threads never change namespace), with each path's own result, in order.
+/// Paths are opened as [`resolve_all`] opens them: never blocking, nsfs files only.
+pub fn run_in_each<T: Send>(
+    paths: &[PathBuf],
+    work: impl FnMut(&Path) -> io::Result<T> + Send,
+) -> Vec<(PathBuf, Result<T, NetnsError>)> {
+    let mut work = work;
+    let ran = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let opened: Vec<Result<File, NetnsError>> =
+                    paths.iter().map(|p| open_namespace(p)).collect();
+                paths
+                    .iter()
+                    .zip(opened)
+                    .map(|(path, file)| {
+                        let result = file.and_then(|file| {
+                            setns(&file, CloneFlags::CLONE_NEWNET)
+                                .map_err(io::Error::from)
+                                .and_then(|()| work(path))
+                                .map_err(|source| NetnsError::Inside {
+                                    path: path.clone(),
+                                    source,
+                                })
+                        });
+                        (path.clone(), result)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .join()
+    });
+    ran.unwrap_or_else(|_| {
+        paths
+            .iter()
+            .map(|path| {
+                let source = io::Error::other("the namespace worker panicked");
+                let path = path.clone();
+                (path.clone(), Err(NetnsError::Inside { path, source }))
+            })
+            .collect()
+    })
+}
+
+/// The network namespaces of the processes in `cgroup` and its descendants (the pods on the
+/// node, for the attach cgroup), one `/proc/PID/ns/net` path per namespace, leaving out the
+/// daemon's own (the node's: its sockets include the router's own). Processes that exit
+/// meanwhile are skipped; a cgroup tree deeper than 32 levels is not followed further.
+pub fn of_cgroup(cgroup: &Path) -> io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let identity = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
+    let own = identity(Path::new("/proc/self/ns/net"))?;
+    let mut seen = std::collections::HashSet::from([own]);
+    let mut namespaces = Vec::new();
+    let mut pending = vec![(cgroup.to_owned(), 0)];
+    while let Some((dir, depth)) = pending.pop() {
+        let procs = match std::fs::read_to_string(dir.join("cgroup.procs")) {
+            Ok(procs) => procs,
+            // The cgroup went away while we walked it.
+            Err(err) if err.kind() == io::ErrorKind::NotFound && dir != cgroup => continue,
+            Err(err) => return Err(err),
+        };
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            if let Ok(id) = identity(&path)
+                && seen.insert(id)
+            {
+                namespaces.push(path);
+            }
+        }
+        if depth >= 32 {
+            continue;
+        }
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    Ok(namespaces)
+}
+
 /// The addresses configured in the calling thread's network namespace.
 fn local_addresses() -> io::Result<Vec<IpAddr>> {
     let addresses = nix::ifaddrs::getifaddrs()?
@@ -281,6 +369,11 @@ mod tests {
     fn another_kind_of_namespace_is_refused() {
         let err = cookie(Path::new("/proc/self/ns/uts")).expect_err("not a network namespace");
         assert!(matches!(err, NetnsError::Cookie { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_cgroup_that_is_not_there_is_an_error() {
+        assert!(of_cgroup(Path::new("/nonexistent-cgroup")).is_err());
     }
 
     #[test]

@@ -33,10 +33,14 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use redirector_common::{MAP_VERSION, RouterConfig, SockAddr, map_names};
+use redirector_common::{MAP_VERSION, ResetRequest, RouterConfig, ServiceKey, SockAddr, map_names};
 use sha2::{Digest as _, Sha256};
 
-use super::maps::Maps;
+use super::{
+    kfunc,
+    maps::Maps,
+    reset::{self, Resetter},
+};
 
 /// The hooks, by program name (the function names in redirector-ebpf).
 pub const HOOKS: [&str; 9] = [
@@ -161,7 +165,22 @@ pub struct Kernel {
     pub router: Option<Array<MapData, RouterConfig>>,
     /// The router's listening sockets; taken by the router.
     pub router_sockets: Option<SockMap<MapData>>,
-    _ebpf: Ebpf,
+    /// The reset iterator (`reset_on_change`), or why this kernel cannot reset sockets.
+    pub resetter: Result<Resetter, reset::Unavailable>,
+    ebpf: Ebpf,
+}
+
+impl Kernel {
+    /// Resets the sockets in `namespaces` that `requests` select (see [`reset`]). None when
+    /// this kernel cannot reset sockets (said at start).
+    pub fn reset_sockets(
+        &mut self,
+        requests: &[(ServiceKey, ResetRequest)],
+        namespaces: &[PathBuf],
+    ) -> Option<Result<Vec<reset::MemberResets>, reset::ResetError>> {
+        let resetter = self.resetter.as_mut().ok()?;
+        Some(resetter.run(&mut self.ebpf, requests, namespaces))
+    }
 }
 
 /// Loads (or adopts) the programs and maps under `pin_dir` and makes sure every hook is
@@ -181,15 +200,37 @@ pub fn start(
     // Socket storage is a BTF map, which has no pinning attribute: pinned by name explicitly,
     // so that a new build's programs see the sockets the old ones steered.
     let sock_state_pin = pin_dir.join(map_names::SOCK_STATE);
-    let mut ebpf = EbpfLoader::new()
+    // The reset iterator needs the kernel's socket-destroy function, called by BTF id, and the
+    // layout of its socket structure; without them everything else still loads and runs.
+    let sock_destroy = kfunc::SockDestroy::probe().and_then(|facts| {
+        let object = kfunc::patch_sock_destroy(EBPF_OBJECT, facts.btf_id)?;
+        Ok((facts.offsets, object))
+    });
+    let (offsets, object) = match &sock_destroy {
+        Ok((offsets, object)) => (Some(*offsets), object.as_ref()),
+        Err(_) => (None, EBPF_OBJECT),
+    };
+    let mut loader = EbpfLoader::new();
+    loader
         .default_map_pin_directory(pin_dir)
         .map_pin_path(map_names::SOCK_STATE, sock_state_pin.as_path())
-        .override_global("COUNT_FAST_PATH", &count_fast_path, true)
-        .load(EBPF_OBJECT)?;
+        .override_global("COUNT_FAST_PATH", &count_fast_path, true);
+    if let Some(offsets) = &offsets {
+        loader
+            .override_global("SKC_DADDR_OFFSET", &offsets.daddr, true)
+            .override_global("SKC_DPORT_OFFSET", &offsets.dport, true)
+            .override_global("SKC_FAMILY_OFFSET", &offsets.family, true)
+            .override_global("SKC_V6_DADDR_OFFSET", &offsets.v6_daddr, true);
+    }
+    let mut ebpf = loader.load(object)?;
     let maps = take_maps(&mut ebpf)?;
     let orig_dst = take(&mut ebpf, map_names::ORIG_DST)?;
     let router = take(&mut ebpf, map_names::ROUTER)?;
     let router_sockets = take(&mut ebpf, map_names::ROUTER_SOCKETS)?;
+    let resetter = match sock_destroy {
+        Ok(_) => Resetter::load(&mut ebpf),
+        Err(err) => Err(err.into()),
+    };
 
     let cgroup_file = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_owned(),
@@ -260,7 +301,8 @@ pub fn start(
             orig_dst: Some(orig_dst),
             router: Some(router),
             router_sockets: Some(router_sockets),
-            _ebpf: ebpf,
+            resetter,
+            ebpf,
         },
         report,
     ))
