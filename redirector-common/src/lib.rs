@@ -22,15 +22,14 @@ pub mod map_names {
     pub const REVNAT: &str = "RDR_REVNAT_v2";
     pub const STATS: &str = "RDR_STATS_v2";
     pub const ROUTER: &str = "RDR_ROUTER_v2";
-    pub const HANDOFF: &str = "RDR_HANDOFF_v2";
     pub const ORIG_DST: &str = "RDR_ORIGDST_v2";
     pub const ROUTER_SOCKETS: &str = "RDR_RSOCKS_v2";
-    pub const ROUTE_STATS: &str = "RDR_RSTATS_v2";
+    pub const ROUTE_STATS: &str = "RDR_RTSTAT_v2";
     pub const SOCK_STATE: &str = "RDR_SKSTATE_v2";
     /// Not pinned: the reset requests of one run of the socket iterator (`reset_on_change`).
     pub const RESETS: &str = "RDR_RESETS_v2";
 
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         MEMBERS,
         ROUTES,
@@ -38,7 +37,6 @@ pub mod map_names {
         REVNAT,
         STATS,
         ROUTER,
-        HANDOFF,
         ORIG_DST,
         ROUTER_SOCKETS,
         ROUTE_STATS,
@@ -90,12 +88,10 @@ pub mod map_sizes {
     pub const ENDPOINTS: u32 = 262_144;
     /// LRU: one entry per steered socket and fork address; old entries age out.
     pub const REVNAT: u32 = 262_144;
-    /// LRU: connections handed to the node router whose source port is not known yet
-    /// (between `connect()` and the SYN); entries live microseconds.
-    pub const HANDOFF: u32 = 65_536;
     /// LRU: handed-off connections the router has not accepted yet, by client address.
     pub const ORIG_DST: u32 = 65_536;
-    /// LRU per-CPU: connections steered per route (for metrics); one slot per route.
+    /// Per-CPU, allocated on use: connections steered per route (for metrics); one slot per
+    /// route, removed with it.
     pub const ROUTE_STATS: u32 = ROUTES;
     /// Services whose route for one sandbox changed, per run of the reset iterator.
     pub const RESETS: u32 = 4_096;
@@ -165,7 +161,7 @@ pub struct MemberValue {
 /// than straight to the fork, while the router is up.
 pub const MEMBER_INJECT_KEY: u32 = 1;
 
-/// Key of `RDR_ROUTES` (value: [`RouteValue`]) and of `RDR_RSTATS`.
+/// Key of `RDR_ROUTES` (value: [`RouteValue`]) and of `RDR_RTSTAT`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RouteKey {

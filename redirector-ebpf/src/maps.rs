@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockMap},
 };
 use redirector_common::{
     EndpointKey, MemberValue, ResetRequest, RevNatKey, RouteKey, RouteValue, RouterConfig,
@@ -51,11 +51,6 @@ pub(crate) static ROUTER: Array<RouterConfig> = Array::pinned(1, 0);
 #[map(name = "RDR_RSOCKS_v2")]
 pub(crate) static ROUTER_SOCKETS: SockMap = SockMap::pinned(2, 0);
 
-/// Socket cookie -> original destination of a connection handed to the router, until the
-/// sock_ops program learns its source port.
-#[map(name = "RDR_HANDOFF_v2")]
-pub(crate) static HANDOFF: LruHashMap<u64, SockAddr> = LruHashMap::pinned(map_sizes::HANDOFF, 0);
-
 /// Client address (as the router sees the peer) -> original destination. The router reads and
 /// deletes the entry when it accepts the connection.
 #[map(name = "RDR_ORIGDST_v2")]
@@ -73,9 +68,12 @@ pub(crate) static RESETS: HashMap<ServiceKey, ResetRequest> =
 pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
 /// Connections steered per route, per CPU (metrics). Only the steering path touches it.
-#[map(name = "RDR_RSTATS_v2")]
-pub(crate) static ROUTE_STATS: LruPerCpuHashMap<RouteKey, u64> =
-    LruPerCpuHashMap::pinned(map_sizes::ROUTE_STATS, 0);
+/// Allocated on use (`BPF_F_NO_PREALLOC`): a preallocated per-CPU map of the route capacity
+/// would take about 1 MiB per CPU whether routes exist or not. The daemon removes the counters
+/// of routes that are gone, so it never fills while the routes map does not.
+#[map(name = "RDR_RTSTAT_v2")]
+pub(crate) static ROUTE_STATS: PerCpuHashMap<RouteKey, u64> =
+    PerCpuHashMap::pinned(map_sizes::ROUTE_STATS, BPF_F_NO_PREALLOC);
 
 /// BPF_NOEXIST: create only; another CPU may have created the slot meanwhile, which is fine.
 const BPF_NOEXIST: u64 = 1;

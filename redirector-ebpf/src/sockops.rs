@@ -1,15 +1,16 @@
-//! `sockops`: completes the hand-off record of a connection the connect hook sent to the node
-//! router. At `connect()` the source port is not chosen yet, so the connect hook records the
-//! original destination by socket cookie; when TCP picks the port (`TCP_CONNECT_CB`, before the
-//! SYN leaves) this program re-keys it by the client address the router will see on accept.
+//! `sockops`: tells the node router where a connection handed to it was going. At `connect()`
+//! the source port is not chosen yet, so the connect hook records the original destination on
+//! the socket itself (socket storage, which dies with it); when TCP picks the port
+//! (`TCP_CONNECT_CB`, before the SYN leaves) this program copies it to `RDR_ORIGDST`, keyed by
+//! the client address the router will see on accept.
 use aya_ebpf::{
-    EbpfContext as _, bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::bpf_get_socket_cookie,
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, cty::c_void, helpers::bpf_sk_storage_get,
     macros::sock_ops, programs::SockOpsContext,
 };
-use redirector_common::{FAMILY_V4, SockAddr};
+use redirector_common::{FAMILY_V4, SockAddr, SockState};
 
 use crate::{
-    maps::{HANDOFF, ORIG_DST, ROUTER},
+    maps::{ORIG_DST, ROUTER, SOCK_STATE},
     xlate,
 };
 
@@ -65,13 +66,29 @@ fn record_client(ctx: &SockOpsContext) {
     if remote != router.v4 && remote != router.v6 {
         return;
     }
-    // SAFETY: helper allowed for sock_ops programs; takes the context pointer.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(dialed) = HANDOFF.get_ptr(&cookie) else {
+    // SAFETY: the context is valid for the program's run; `sk` is a field of it.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
         return;
-    };
-    // SAFETY: pointer from a successful lookup, copied out at once.
-    let dialed = unsafe { *dialed };
-    let _ = ORIG_DST.insert(&local, &dialed, 0);
-    let _ = HANDOFF.remove(&cookie);
+    }
+    // SAFETY: the map pointer is the socket storage map's (a BTF map's static is its
+    // definition); `sk` is the context's non-null socket; no storage is created (flags 0).
+    let state = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::addr_of!(SOCK_STATE) as *mut c_void,
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const SockState;
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage pointer from the helper, copied out at once.
+    let state = unsafe { *state };
+    // Handed over by the connect hook (rather than a client that dialed the router itself).
+    if state.fork != remote {
+        return;
+    }
+    let _ = ORIG_DST.insert(&local, &state.dialed, 0);
 }

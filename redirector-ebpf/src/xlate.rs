@@ -20,8 +20,8 @@ use redirector_common::{
 use crate::{
     ctx,
     maps::{
-        ENDPOINTS, HANDOFF, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, SOCK_STATE,
-        count, count_route,
+        ENDPOINTS, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, SOCK_STATE, count,
+        count_route,
     },
 };
 
@@ -118,30 +118,30 @@ fn steer(ctx: &SockAddrContext, dialed: &SockAddr, hook: Forward) -> Option<Sock
     let service = unsafe { *service };
 
     let http = service.flags & SERVICE_HTTP_HANDOFF != 0;
-    let target = match fork_of_member(ctx, service.service_id, dialed) {
+    let (target, handed_off) = match fork_of_member(ctx, service.service_id, dialed) {
         // A member whose sandbox injects its key: to the router, which adds the key to each
         // request and routes it to the fork; while the router is down, to the fork directly.
-        Some((fork, route, inject)) if http && inject => match handoff(ctx, dialed) {
-            Some(router) => router,
+        Some((fork, route, inject)) if http && inject => match handoff(ctx, dialed, hook) {
+            Some(router) => (router, true),
             None => {
                 count(stats::STEERED);
                 count_route(&route);
-                fork
+                (fork, false)
             }
         },
         Some((fork, route, _)) => {
             count(stats::STEERED);
             count_route(&route);
-            fork
+            (fork, false)
         }
-        None if http => handoff(ctx, dialed)?,
+        None if http => (handoff(ctx, dialed, hook)?, true),
         None => {
             count(stats::SERVICE_PASS);
             return None;
         }
     };
 
-    if !remember(ctx, dialed, target, hook) {
+    if !handed_off && !remember(ctx, dialed, target, hook) {
         // Still redirect: the connection works, only getpeername shows the real peer.
         count(stats::REVNAT_UPDATE_FAILED);
     }
@@ -227,10 +227,11 @@ fn endpoint(ctx: &SockAddrContext, route: &RouteKey, value: &RouteValue) -> Sock
 }
 
 /// Hands the connection to the node router if it is alive, recording the original destination
-/// for it. `None` (router down, or this is the router's own upstream socket) leaves the
-/// connection on its way to `dialed`: fail open.
+/// on the socket (the sock_ops program passes it on to the router, and the reverse hooks show
+/// it to the application). `None` (router down, this is the router's own upstream socket, or
+/// the record cannot be made) leaves the connection on its way to `dialed`: fail open.
 #[inline(always)]
-fn handoff(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
+fn handoff(ctx: &SockAddrContext, dialed: &SockAddr, hook: Forward) -> Option<SockAddr> {
     let router = ROUTER.get_ptr(0)?;
     // SAFETY: array slot 0 always exists; copied out at once.
     let router = unsafe { *router };
@@ -258,7 +259,7 @@ fn handoff(ctx: &SockAddrContext, dialed: &SockAddr) -> Option<SockAddr> {
         count(stats::ROUTER_DOWN);
         return None;
     }
-    if HANDOFF.insert(&ctx::socket_cookie(ctx), dialed, 0).is_err() {
+    if !remember(ctx, dialed, target, hook) {
         // Without the record the router could not know where to forward: stay direct.
         count(stats::SERVICE_PASS);
         return None;

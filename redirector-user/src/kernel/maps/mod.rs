@@ -101,7 +101,25 @@ impl Maps {
                 }
             }
         }
+        self.forget_route_counters(desired);
         Ok(())
+    }
+
+    /// Removes the steering counters of routes that `desired` no longer has (and any a
+    /// connection created just as its route went): the counter map is not an LRU, so nothing
+    /// else would.
+    fn forget_route_counters(&mut self, desired: &KernelState) {
+        let stale: Vec<RouteKey> = self
+            .route_stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !desired.routes.contains_key(key))
+            .collect();
+        for key in stale {
+            if let Err(err) = self.route_stats.remove(&key) {
+                tracing::debug!(error = %err, "cannot remove a route's steering counter");
+            }
+        }
     }
 
     /// Connections steered per route since load, summed over CPUs.
