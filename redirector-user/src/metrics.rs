@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock, RwLock},
     time::Duration,
 };
 
@@ -90,6 +90,21 @@ pub mod outcome {
 
 type LatencyHistogram = Family<OutcomeLabels, Histogram, fn() -> Histogram>;
 
+type CountersBySandbox = foldhash::HashMap<Box<str>, [Option<Counter>; outcome::ALL.len()]>;
+
+/// The request series handed out so far, so that a request finds its counter and histogram
+/// without building labels and SipHashing them in the families' maps. Handles share their
+/// values with the families' series.
+#[derive(Default)]
+struct RequestSeries {
+    /// `requests` by sandbox label, then by the outcome's index in `outcome::ALL`. Written only
+    /// under its write lock, which `forget_sandbox` also takes, so a removed series never stays
+    /// counted here.
+    counters: RwLock<CountersBySandbox>,
+    /// `request_duration_seconds` by the outcome's index; never removed.
+    latency: [OnceLock<Histogram>; outcome::ALL.len()],
+}
+
 pub struct Metrics {
     registry: Registry,
     kernel_events: Family<EventLabels, Counter>,
@@ -106,6 +121,7 @@ pub struct Metrics {
     /// Every routing key with series, and the services of its `connections_steered` ones, so
     /// they can be removed with the sandbox (a family cannot list its label sets).
     keys: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    series: RequestSeries,
     /// 1 once the first desired state is in the kernel (with the Kubernetes source: once the
     /// cluster has been read whole); what `/readyz` answers.
     ready: Gauge,
@@ -214,10 +230,56 @@ impl Metrics {
             router_shedding,
             router_shed_connections,
             keys: Mutex::default(),
+            series: RequestSeries::default(),
         }
     }
 
     pub fn request(&self, sandbox: &str, outcome: &'static str, took: Duration) {
+        let Some(index) = outcome::ALL.iter().position(|known| *known == outcome) else {
+            return self.request_uncached(sandbox, outcome, took);
+        };
+        let counted = self
+            .counters_read()
+            .get(sandbox)
+            .and_then(|by_outcome| by_outcome[index].as_ref())
+            .map(Counter::inc)
+            .is_some();
+        if !counted {
+            let mut counters = self.counters_write();
+            if !sandbox.is_empty() {
+                self.keys_lock().entry(sandbox.to_owned()).or_default();
+            }
+            let counter = self.requests.get_or_create_owned(&RequestLabels {
+                sandbox: sandbox.to_owned(),
+                outcome,
+            });
+            counter.inc();
+            counters.entry(sandbox.into()).or_default()[index] = Some(counter);
+        }
+        self.series.latency[index]
+            .get_or_init(|| {
+                self.request_seconds
+                    .get_or_create_owned(&OutcomeLabels { outcome })
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    fn counters_read(&self) -> std::sync::RwLockReadGuard<'_, CountersBySandbox> {
+        self.series
+            .counters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn counters_write(&self) -> std::sync::RwLockWriteGuard<'_, CountersBySandbox> {
+        self.series
+            .counters
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An outcome outside `outcome::ALL`, which has no cached series.
+    fn request_uncached(&self, sandbox: &str, outcome: &'static str, took: Duration) {
         let labels = RequestLabels {
             sandbox: sandbox.to_owned(),
             outcome,
@@ -308,11 +370,15 @@ impl Metrics {
             // Requests without a fork: not a sandbox's series.
             return;
         }
-        for outcome in outcome::ALL {
-            self.requests.remove(&RequestLabels {
-                sandbox: key.to_owned(),
-                outcome,
-            });
+        {
+            let mut counters = self.counters_write();
+            counters.remove(key);
+            for outcome in outcome::ALL {
+                self.requests.remove(&RequestLabels {
+                    sandbox: key.to_owned(),
+                    outcome,
+                });
+            }
         }
         let services = self.keys_lock().remove(key).unwrap_or_default();
         for service in services {

@@ -1,7 +1,6 @@
 //! Accepting handed-off connections: find where each was going, then serve it as HTTP/1.1 or
 //! HTTP/2 (detected from the connection preface) with per-request routing.
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -19,7 +18,7 @@ use tracing::{Dispatch, debug, instrument::WithSubscriber, warn};
 
 use super::{
     client_errors::ClientErrors,
-    idle::{Activity, SHUTDOWN_GRACE, Tracked},
+    idle::{Activity, SHUTDOWN_GRACE},
     proxy::{Client, Proxy},
     quiet::QuietExecutor,
     shed::{self, Shed, Why},
@@ -128,14 +127,8 @@ async fn serve(acceptor: Arc<Acceptor>, stream: TcpStream, peer: SocketAddr, dia
     let activity = Activity::new();
     let service = service_fn({
         let activity = activity.clone();
-        move |req| {
-            let busy = activity.begin();
-            let handled = proxy.clone().handle(client.clone(), req);
-            async move {
-                let response = handled.await?;
-                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, busy)))
-            }
-        }
+        // The request's future itself, not wrapped in another: hyper moves it whole.
+        move |req| proxy.clone().handle(client.clone(), req, activity.begin())
     });
     let connection = acceptor
         .server
@@ -143,6 +136,8 @@ async fn serve(acceptor: Arc<Acceptor>, stream: TcpStream, peer: SocketAddr, dia
     let mut connection = std::pin::pin!(connection);
     let timeout = acceptor.idle_timeout;
     let ended = tokio::select! {
+        // In order: spares drawing a random branch order at every wake-up of the connection.
+        biased;
         ended = connection.as_mut() => Some(ended),
         () = activity.idle_for(timeout, Instant::now()) => None,
     };

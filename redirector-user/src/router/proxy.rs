@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use super::{
+    idle::{Busy, Tracked},
     reply::{self, Cause},
     stats::RouterStats,
     table::{BaselineWhy, Decision, RouteTable, ServiceRoutes},
@@ -95,54 +96,66 @@ impl Client {
 }
 
 impl Proxy {
-    /// Routes one request of `client`, and records how it went.
+    /// Routes one request of `client`, and records how it went; `busy` counts it in flight
+    /// until its response body ends.
     pub async fn handle(
         self: Arc<Self>,
         client: Arc<Client>,
         req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+        busy: Busy,
+    ) -> Result<Response<Tracked<ProxyBody>>, Infallible> {
         let started = Instant::now();
-        let (response, sandbox, outcome) = self.route(&client, req).await;
-        self.metrics.request(&sandbox, outcome, started.elapsed());
-        Ok(response)
+        // Held until the response headers: the decision borrows its key and the sandbox label
+        // from it instead of copying them per request.
+        let table = self.table.load_full();
+        let (response, sandbox, outcome) = self.route(&table, &client, req).await;
+        self.metrics.request(sandbox, outcome, started.elapsed());
+        Ok(response.map(|body| Tracked::new(body, busy)))
     }
 
-    async fn route(
+    /// Routes `req` with `table`; returns the response, the sandbox label (the fork's key, or
+    /// empty) and the outcome label.
+    async fn route<'t>(
         &self,
+        table: &'t RouteTable,
         client: &Client,
         mut req: Request<Incoming>,
-    ) -> (Response<ProxyBody>, String, &'static str) {
-        let (decision, found, sources, injected) = {
-            let table = self.table.load();
-            match table.service(client.dialed) {
-                Some(service) => {
-                    let sources = *service.key_sources();
-                    let found = self.carriers.find(&req, &sources);
-                    let client_key = table.injected_key(client.peer);
-                    let (decision, injected) = decide(service, &found, client_key);
-                    (decision, found, sources, injected)
-                }
-                None => (
-                    Decision::Baseline {
-                        why: BaselineWhy::UnknownService,
-                    },
-                    Found::absent(),
-                    KeySources::default(),
-                    None,
-                ),
+    ) -> (Response<ProxyBody>, &'t str, &'static str) {
+        let (decision, found, sources, injected) = match table.service(client.dialed) {
+            Some(service) => {
+                let sources = *service.key_sources();
+                let found = self.carriers.find(&req, &sources);
+                // Only a request without a key can be injected one: others skip the lookup.
+                let client_key = match found.key {
+                    Extracted::Absent => table.injected_key(client.peer),
+                    _ => None,
+                };
+                let (decision, injected) = decide(service, &found, client_key);
+                (decision, found, sources, injected)
             }
+            None => (
+                Decision::Baseline {
+                    why: BaselineWhy::UnknownService,
+                },
+                Found::absent(),
+                KeySources::default(),
+                None,
+            ),
+        };
+        let sandbox = match decision {
+            Decision::Fork { key, .. } => key,
+            Decision::Baseline { .. } => "",
         };
         // Taken before forwarding: the extension does not travel with the request.
         let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), client_upgrade.is_some());
         let set_cookie = self.pass_on_edge_key(&mut req, &found, &sources);
-        if let Some(key) = &injected {
+        if let Some(key) = injected {
             routing_key::add_to_baggage(req.headers_mut(), self.carriers.key_name(), key);
             RouterStats::bump(&self.stats.keys_injected);
         }
 
-        let (mut response, sandbox, outcome) =
-            self.forward(client, req, &decision, client_upgrade).await;
+        let (mut response, outcome) = self.forward(client, req, &decision, client_upgrade).await;
         if let Some(cookie) = set_cookie {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
@@ -177,19 +190,15 @@ impl Proxy {
         &self,
         client: &Client,
         req: Request<Incoming>,
-        decision: &Decision,
+        decision: &Decision<'_>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    ) -> (Response<ProxyBody>, String, &'static str) {
+    ) -> (Response<ProxyBody>, &'static str) {
         let dialed = client.dialed;
         let grpc = reply::is_grpc(req.headers());
         let (target, fork, mut outcome) = match decision {
             Decision::Fork { key, fork, .. } => {
                 RouterStats::bump(&self.stats.to_fork);
-                (
-                    fork.addr,
-                    Some((key.as_str(), fork.on_error)),
-                    outcome::FORK,
-                )
+                (fork.addr, Some((*key, fork.on_error)), outcome::FORK)
             }
             Decision::Baseline { why } => {
                 self.stats.baseline(*why);
@@ -201,7 +210,6 @@ impl Proxy {
                 (dialed, None, outcome)
             }
         };
-        let sandbox = fork.map_or_else(String::new, |(key, _)| key.to_owned());
 
         let (mut response, served) = match client.upstreams.send(target, req).await {
             Ok(response) => {
@@ -229,14 +237,12 @@ impl Proxy {
                 match client.upstreams.send(dialed, req).await {
                     Ok(response) => (response, Served::Fallback { key, addr: dialed }),
                     Err(SendError { error, .. }) => {
-                        let (response, outcome) = self.failure(&error, false, grpc);
-                        return (response, sandbox, outcome);
+                        return self.failure(&error, false, grpc);
                     }
                 }
             }
             Err(SendError { error, .. }) => {
-                let (response, outcome) = self.failure(&error, fork.is_some(), grpc);
-                return (response, sandbox, outcome);
+                return self.failure(&error, fork.is_some(), grpc);
             }
         };
 
@@ -251,7 +257,7 @@ impl Proxy {
         {
             response.headers_mut().insert(name.clone(), value);
         }
-        (response.map(Either::Left), sandbox, outcome)
+        (response.map(Either::Left), outcome)
     }
 
     /// The router's own answer when the upstream could not give one, and its outcome label.
@@ -279,16 +285,13 @@ impl Proxy {
 /// sandbox if that sandbox injects it (`inject_key`). A request that names a key in any
 /// carrier it may use, even an invalid one, is routed on it alone; one that names none, from
 /// such a client, is routed as that sandbox's, and the key to add to it is returned too.
-fn decide(
-    service: &ServiceRoutes,
+fn decide<'t>(
+    service: &'t ServiceRoutes,
     found: &Found,
-    client_key: Option<&str>,
-) -> (Decision, Option<String>) {
+    client_key: Option<&'t str>,
+) -> (Decision<'t>, Option<&'t str>) {
     match (&found.key, client_key) {
-        (Extracted::Absent, Some(key)) => (
-            service.decide(&Extracted::Key(key.to_owned())),
-            Some(key.to_owned()),
-        ),
+        (Extracted::Absent, Some(key)) => (service.decide_key(key), Some(key)),
         _ => (service.decide(&found.key), None),
     }
 }
@@ -298,6 +301,13 @@ fn decide(
 /// a fresh upstream connection per request. End-to-end headers (the routing key's carriers
 /// included) pass unchanged; an upgrade keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
+    // Most requests carry none of them: one pass over the names is cheaper than a lookup each.
+    let hop_by_hop = |name: &HeaderName| {
+        name == header::CONNECTION || name == KEEP_ALIVE || name == PROXY_CONNECTION
+    };
+    if !upgrade && !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -309,7 +319,7 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
     for name in listed {
         headers.remove(name);
     }
-    for name in ["keep-alive", "proxy-connection"] {
+    for name in [KEEP_ALIVE, PROXY_CONNECTION] {
         headers.remove(name);
     }
     if upgrade {
@@ -318,6 +328,9 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
         headers.remove(header::CONNECTION);
     }
 }
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
     req.headers().contains_key(header::UPGRADE)
@@ -385,9 +398,9 @@ routes = [{ service = "web", fork = "10.0.0.8:8080" }]
         }
     }
 
-    fn fork_of(decision: &Decision) -> Option<(&str, SocketAddr)> {
+    fn fork_of<'t>(decision: &Decision<'t>) -> Option<(&'t str, SocketAddr)> {
         match decision {
-            Decision::Fork { key, fork, .. } => Some((key.as_str(), fork.addr)),
+            Decision::Fork { key, fork, .. } => Some((*key, fork.addr)),
             Decision::Baseline { .. } => None,
         }
     }
@@ -401,10 +414,10 @@ routes = [{ service = "web", fork = "10.0.0.8:8080" }]
             fork_of(&decision),
             Some(("pr-1", "10.0.0.7:8080".parse().unwrap()))
         );
-        assert_eq!(injected.as_deref(), Some("pr-1"));
+        assert_eq!(injected, Some("pr-1"));
         // What `route` then does with the request's headers.
         let mut h = headers(&[("baggage", "user=alice")]);
-        routing_key::add_to_baggage(&mut h, "sd-routing-key", injected.as_deref().unwrap());
+        routing_key::add_to_baggage(&mut h, "sd-routing-key", injected.unwrap());
         assert_eq!(h["baggage"], "user=alice,sd-routing-key=pr-1");
 
         // A key of the member's sandbox without a fork of this service: the baseline, with
@@ -416,7 +429,7 @@ routes = [{ service = "web", fork = "10.0.0.8:8080" }]
                 why: BaselineWhy::NoRoute
             }
         );
-        assert_eq!(injected.as_deref(), Some("pr-9"));
+        assert_eq!(injected, Some("pr-9"));
     }
 
     #[test]

@@ -21,13 +21,17 @@ use crate::{
     state::{DesiredState, ForkErrorPolicy, Protocol},
 };
 
+/// Looked up on every request; foldhash because SipHash cost more than the routing itself.
+/// Its per-process random seed still keeps collisions out of a client's control.
+type FastMap<K, V> = foldhash::HashMap<K, V>;
+
 #[derive(Debug, Default)]
 pub struct RouteTable {
     /// By the service address as connections dial it (canonical: no v4-mapped IPv6).
-    services: HashMap<SocketAddr, ServiceRoutes>,
+    services: FastMap<SocketAddr, ServiceRoutes>,
     /// The routing key of each client address (canonical) that belongs to a member of a
     /// sandbox with `inject_key`.
-    clients: HashMap<IpAddr, String>,
+    clients: FastMap<IpAddr, String>,
 }
 
 /// The addresses configured in member namespaces, by member path; read only for the members
@@ -41,7 +45,7 @@ pub struct ServiceRoutes {
     /// Where its requests may carry the key (`key_from`).
     sources: KeySources,
     /// By routing key.
-    forks: HashMap<String, ForkSet>,
+    forks: FastMap<String, ForkSet>,
 }
 
 impl ServiceRoutes {
@@ -50,7 +54,7 @@ impl ServiceRoutes {
     }
 
     /// Where a request to this service with `key` goes.
-    pub fn decide(&self, key: &Extracted) -> Decision {
+    pub fn decide(&self, key: &Extracted) -> Decision<'_> {
         let key = match key {
             Extracted::Key(key) => key,
             Extracted::Invalid => {
@@ -64,10 +68,15 @@ impl ServiceRoutes {
                 };
             }
         };
-        match self.forks.get(key) {
-            Some(forks) => Decision::Fork {
-                service: self.name.clone(),
-                key: key.clone(),
+        self.decide_key(key)
+    }
+
+    /// Where a request to this service with the valid key `key` goes.
+    pub fn decide_key(&self, key: &str) -> Decision<'_> {
+        match self.forks.get_key_value(key) {
+            Some((key, forks)) => Decision::Fork {
+                service: &self.name,
+                key,
                 fork: forks.pick(),
             },
             None => Decision::Baseline {
@@ -110,12 +119,12 @@ pub struct Fork {
     pub on_error: ForkErrorPolicy,
 }
 
-/// Where one request goes.
+/// Where one request goes; borrowed from the table the request was routed with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub enum Decision<'t> {
     Fork {
-        service: String,
-        key: String,
+        service: &'t str,
+        key: &'t str,
         fork: Fork,
     },
     /// The original destination.
@@ -180,13 +189,13 @@ impl RouteTable {
     }
 
     fn services_of(state: &DesiredState) -> RouteTable {
-        let mut services: HashMap<SocketAddr, ServiceRoutes> = HashMap::new();
+        let mut services: FastMap<SocketAddr, ServiceRoutes> = FastMap::default();
         let keys = state.routing_keys();
         for service in state.services.values() {
             if service.protocol != Protocol::Http {
                 continue;
             }
-            let forks: HashMap<String, ForkSet> = keys
+            let forks: FastMap<String, ForkSet> = keys
                 .iter()
                 .filter_map(|sandbox| {
                     let route = sandbox.routes.get(&service.name)?;
@@ -220,7 +229,7 @@ impl RouteTable {
         }
         RouteTable {
             services,
-            clients: HashMap::new(),
+            clients: FastMap::default(),
         }
     }
 
@@ -229,7 +238,7 @@ impl RouteTable {
         self.services.get(&canonical(dialed))
     }
 
-    pub fn decide(&self, dialed: SocketAddr, key: &Extracted) -> Decision {
+    pub fn decide(&self, dialed: SocketAddr, key: &Extracted) -> Decision<'_> {
         match self.service(dialed) {
             Some(service) => service.decide(key),
             None => Decision::Baseline {
@@ -294,7 +303,7 @@ routes = [{ service = "web", fork = "10.0.0.8:8080", on_fork_error = "baseline" 
             Decision::Fork { fork, key, service } => {
                 assert_eq!(fork.addr, "10.0.0.8:8080".parse().unwrap());
                 assert_eq!(fork.on_error, ForkErrorPolicy::Baseline);
-                assert_eq!((key.as_str(), service.as_str()), ("pr-2", "web"));
+                assert_eq!((key, service), ("pr-2", "web"));
             }
             other => panic!("{other:?}"),
         }

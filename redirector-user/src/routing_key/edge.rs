@@ -30,7 +30,7 @@ pub fn from_query(query: &str, name: &str) -> Extracted {
             Some(_) => return Extracted::Invalid,
         }
     }
-    found.map_or(Extracted::Absent, |value| judge(&value))
+    found.map_or(Extracted::Absent, |value| judge(value.into_owned()))
 }
 
 /// The key in the cookie `name` of the request's `Cookie` headers (HTTP/2 clients may send
@@ -42,7 +42,7 @@ pub fn from_cookies(headers: &HeaderMap, name: &str) -> Extracted {
         let text = String::from_utf8_lossy(value.as_bytes());
         for cookie in Cookie::split_parse(text).flatten() {
             if cookie.name() == name {
-                return judge(cookie.value_trimmed());
+                return judge(cookie.value_trimmed().to_owned());
             }
         }
     }

@@ -1,5 +1,5 @@
 //! The body of an upstream response, holding its stream's slot on the upstream connection
-//! until the body ends or is dropped.
+//! (HTTP/2) or the connection itself (HTTP/1.1) until the body ends or is dropped.
 use std::{
     pin::Pin,
     task::{Context, Poll},
@@ -9,16 +9,29 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::h2::StreamPermit;
+use super::{h1::Lease, h2::StreamPermit};
 
 pub struct UpstreamBody {
     inner: Incoming,
     permit: Option<StreamPermit>,
+    lease: Option<Lease>,
 }
 
 impl UpstreamBody {
     pub(super) fn new(inner: Incoming, permit: Option<StreamPermit>) -> UpstreamBody {
-        UpstreamBody { inner, permit }
+        UpstreamBody {
+            inner,
+            permit,
+            lease: None,
+        }
+    }
+
+    pub(super) fn leased(inner: Incoming, lease: Lease) -> UpstreamBody {
+        UpstreamBody {
+            inner,
+            permit: None,
+            lease: Some(lease),
+        }
     }
 }
 
@@ -32,9 +45,10 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            // The exchange is over: the slot is free before the server gets round to
-            // dropping the body.
+            // The exchange is over: the slot (or connection) is free before the server gets
+            // round to dropping the body.
             self.permit = None;
+            self.lease = None;
         }
         polled
     }

@@ -142,7 +142,7 @@ impl ClientUpstreams {
         if req.version() == Version::HTTP_2 {
             return self.h2.send(addr, req).await;
         }
-        let response = self.shared.h1.send(addr, req).await?;
-        Ok(response.map(|body| UpstreamBody::new(body, None)))
+        let (response, lease) = self.shared.h1.send(addr, req).await?;
+        Ok(response.map(|body| UpstreamBody::leased(body, lease)))
     }
 }
