@@ -186,6 +186,26 @@ mod tests {
         assert_ne!(patched.as_ref(), super::super::programs::EBPF_OBJECT);
     }
 
+    /// A kernel whose BTF has no `bpf_sock_destroy` (before 6.5) is told apart, with the reason
+    /// the daemon logs at start, rather than failing the load. The programs' own BTF stands in
+    /// for such a kernel's: the same format, without the function.
+    #[test]
+    fn a_kernel_without_socket_destroy_is_a_clear_error() {
+        use object::{Object as _, ObjectSection as _};
+        let elf = object::File::parse(super::super::programs::EBPF_OBJECT).unwrap();
+        let btf = elf.section_by_name(".BTF").expect("the programs carry BTF");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), btf.data().unwrap()).unwrap();
+        let err = SockDestroy::from_btf_file(file.path()).unwrap_err();
+        assert!(
+            matches!(err, KfuncError::Missing("bpf_sock_destroy")),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("Linux 6.5"), "{err}");
+        let unreadable = SockDestroy::from_btf_file(Path::new("/nonexistent/btf")).unwrap_err();
+        assert!(matches!(unreadable, KfuncError::Btf(_)), "{unreadable:?}");
+    }
+
     /// Against this machine's kernel: the fields the iterator reads exist where x86-64 kernels
     /// have long kept them. Skipped only where the kernel publishes no BTF.
     #[test]
