@@ -18,12 +18,11 @@ use aya_ebpf::{
     helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_seq_write, bpf_sk_storage_get},
 };
 use redirector_common::{
-    EndpointKey, FAMILY_V4, IPPROTO_TCP, RESET_BYPASSED_ROUTER, RouteKey, RouteValue, ServiceKey,
-    SockAddr, SockState, endpoint_index,
+    FAMILY_V4, IPPROTO_TCP, RESET_BYPASSED_ROUTER, ServiceKey, SockAddr, SockState,
 };
 
 use crate::{
-    maps::{ENDPOINTS, RESETS, ROUTES, SOCK_STATE},
+    maps::{RESETS, ROUTES, SOCK_STATE},
     xlate,
 };
 
@@ -129,32 +128,15 @@ fn to_reset(sk: *mut c_void) -> Option<SockAddr> {
         return state.is_null().then_some(dialed);
     }
     let route = request.route;
-    // SAFETY: `sk` is the iterator's socket.
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    // Where connect() would send it now: the same endpoint choice, by the socket's cookie.
     let now = match ROUTES.get_ptr(&route) {
-        // SAFETY: as above.
-        Some(value) => endpoint(cookie, &route, &unsafe { *value }),
+        // SAFETY: as above; `sk` is the iterator's socket.
+        Some(value) => xlate::endpoint(|| unsafe { bpf_get_socket_cookie(sk) }, &route, &unsafe {
+            *value
+        }),
         None => dialed,
     };
     (now != peer).then_some(dialed)
-}
-
-/// The endpoint `connect()` gives a socket with this cookie (as `xlate`'s, by cookie).
-#[inline(always)]
-fn endpoint(cookie: u64, route: &RouteKey, value: &RouteValue) -> SockAddr {
-    let index = endpoint_index(cookie, value.count);
-    if index == 0 {
-        return value.first;
-    }
-    let key = EndpointKey {
-        route: *route,
-        index,
-    };
-    match ENDPOINTS.get_ptr(&key) {
-        // SAFETY: pointer from a successful lookup, copied out at once.
-        Some(endpoint) => unsafe { *endpoint },
-        None => value.first,
-    }
 }
 
 /// The socket's remote address, IPv4 ones of IPv6 sockets (v4-mapped) as IPv4.

@@ -197,19 +197,25 @@ fn fork_of_member(
     let value = ROUTES.get_ptr(&route)?;
     // SAFETY: as above; copied out before the map can change under us.
     let value = unsafe { *value };
-    let fork = endpoint(ctx, &route, &value);
+    let fork = endpoint(|| ctx::socket_cookie(ctx), &route, &value);
     // Cannot differ with a daemon-validated state; never rewrite across families.
     let inject = member.flags & MEMBER_INJECT_KEY != 0;
     (fork.family == dialed.family).then_some((fork, route, inject))
 }
 
-/// The endpoint of the route this socket uses (see `redirector_common::endpoint_index`).
+/// The endpoint of the route a socket with this cookie uses (see
+/// `redirector_common::endpoint_index`); the cookie is asked for only when the route has
+/// several endpoints.
 #[inline(always)]
-fn endpoint(ctx: &SockAddrContext, route: &RouteKey, value: &RouteValue) -> SockAddr {
+pub(crate) fn endpoint(
+    cookie: impl FnOnce() -> u64,
+    route: &RouteKey,
+    value: &RouteValue,
+) -> SockAddr {
     if value.count <= 1 {
         return value.first;
     }
-    let index = endpoint_index(ctx::socket_cookie(ctx), value.count);
+    let index = endpoint_index(cookie(), value.count);
     if index == 0 {
         return value.first;
     }
