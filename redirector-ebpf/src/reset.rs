@@ -90,9 +90,9 @@ pub fn reset_tcp(ctx: *mut IterTcpContext) -> i32 {
 #[inline(always)]
 fn to_reset(sk: *mut c_void) -> Option<SockAddr> {
     let peer = peer_of(sk)?;
-    // A socket the forward hooks steered records what it dialed; any other went where it
-    // dialed (or where a hand-off to the router took it, which this never touches: the router
-    // routes those per request).
+    // A socket the forward hooks sent elsewhere (to a fork, or to the router) records what it
+    // dialed on itself; any other went where it dialed. The daemon never asks for the services
+    // whose member connections go through the router (it routes those per request).
     // SAFETY: the map pointer is the socket storage map's (a BTF map's static is its
     // definition); `sk` is the iterator's socket; no storage is created (flags 0).
     let state = unsafe {
