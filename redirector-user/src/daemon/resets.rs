@@ -43,11 +43,10 @@ pub fn plan(before: &DesiredState, after: &DesiredState, ids: &Ids) -> Vec<Plan>
         .chain(&new_keys)
         .map(|k| k.key.as_str())
         .collect();
-    let find = |keys: &'_ [KeyRoutes], name: &str| keys.iter().position(|k| k.key == name);
     let mut plans = Vec::new();
     for name in names {
-        let old = find(&old_keys, name).map(|i| &old_keys[i]);
-        let new = find(&new_keys, name).map(|i| &new_keys[i]);
+        let old = old_keys.iter().find(|k| k.key == name);
+        let new = new_keys.iter().find(|k| k.key == name);
         // Members now; a key that is gone resets the namespaces that were its members.
         let Some(owner) = new.or(old) else { continue };
         if owner.members.is_empty() {

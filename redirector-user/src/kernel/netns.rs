@@ -92,124 +92,88 @@ pub fn resolve_with_addresses<'a>(
         .into_iter()
         .map(|(path, addresses)| (path.to_owned(), addresses))
         .unzip();
-    let worker = {
-        let paths = paths.clone();
-        std::thread::Builder::new()
-            .name("netns-cookies".into())
-            .spawn(move || {
-                // Open everything before entering any namespace: `/proc/self/...` paths name
-                // this thread's own namespaces, which setns changes.
-                let opened: Vec<Result<File, NetnsError>> =
-                    paths.iter().map(|p| open_namespace(p)).collect();
-                paths
-                    .into_iter()
-                    .zip(opened)
-                    .zip(want)
-                    .map(|((path, file), want)| {
-                        let result = file.and_then(|file| {
-                            let cookie = enter_and_read_cookie(&file).map_err(|source| {
-                                NetnsError::Cookie {
-                                    path: path.clone(),
-                                    source,
-                                }
-                            })?;
-                            let addresses = want.then(|| {
-                                local_addresses().unwrap_or_else(|err| {
-                                    warn!(member = %path.display(), error = %err,
-                                        "cannot read the member namespace's addresses");
-                                    Vec::new()
-                                })
-                            });
-                            Ok(Member { cookie, addresses })
-                        });
-                        (path, result)
-                    })
-                    .collect::<Vec<_>>()
+    let cookie_error = |path, source| NetnsError::Cookie { path, source };
+    run_in_each(&paths, cookie_error, |index, path| {
+        let cookie = read_cookie()?;
+        let addresses = want[index].then(|| {
+            local_addresses().unwrap_or_else(|err| {
+                warn!(member = %path.display(), error = %err,
+                    "cannot read the member namespace's addresses");
+                Vec::new()
             })
-    };
-    let failed = |why: &str| {
-        paths
-            .iter()
-            .map(|path| {
-                let source = io::Error::other(why.to_owned());
-                (
-                    path.clone(),
-                    Err(NetnsError::Cookie {
-                        path: path.clone(),
-                        source,
-                    }),
-                )
-            })
-            .collect()
-    };
-    match worker {
-        Ok(handle) => handle
-            .join()
-            .unwrap_or_else(|_| failed("the namespace worker panicked")),
-        Err(_) => failed("cannot start the namespace worker thread"),
-    }
+        });
+        Ok(Member { cookie, addresses })
+    })
 }
 
 /// The IP addresses configured in the network namespace at `path` (on any interface), read by
 /// a short-lived thread that enters it.
 pub fn addresses(path: &Path) -> Result<Vec<std::net::IpAddr>, NetnsError> {
-    let file = open_namespace(path)?;
-    let read = std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> io::Result<Vec<std::net::IpAddr>> {
-                setns(&file, CloneFlags::CLONE_NEWNET)?;
-                local_addresses()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
-    });
-    read.map_err(|source| NetnsError::Cookie {
-        path: path.to_owned(),
-        source,
-    })
+    let cookie_error = |path, source| NetnsError::Cookie { path, source };
+    run_in_each(&[path.to_owned()], cookie_error, |_, _| local_addresses())
+        .pop()
+        .map_or_else(
+            || {
+                Err(NetnsError::Cookie {
+                    path: path.to_owned(),
+                    source: io::Error::other("no answer from the namespace worker"),
+                })
+            },
+            |(_, result)| result,
+        )
 }
 
 /// Runs `work` inside the network namespace at each of `paths` in turn, on one worker thread
-/// (the caller's threads never change namespace), with each path's own result, in order.
-/// Paths are opened as [`resolve_all`] opens them: never blocking, nsfs files only.
+/// (the caller's threads never change namespace), with each path's own result, in order (`work`
+/// is given the path and its index in `paths`); a
+/// failure to enter a namespace or of `work` there is reported through `error`. Every path is
+/// opened before any namespace is entered (`/proc/self/...` paths name the worker's own
+/// namespaces, which setns changes), never blocking, and must be an nsfs file.
 pub fn run_in_each<T: Send>(
     paths: &[PathBuf],
-    work: impl FnMut(&Path) -> io::Result<T> + Send,
+    error: impl Fn(PathBuf, io::Error) -> NetnsError + Sync,
+    work: impl FnMut(usize, &Path) -> io::Result<T> + Send,
 ) -> Vec<(PathBuf, Result<T, NetnsError>)> {
     let mut work = work;
-    let ran = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
+    let error = &error;
+    let failed = |why: &str| {
+        paths
+            .iter()
+            .map(|path| {
+                (
+                    path.clone(),
+                    Err(error(path.clone(), io::Error::other(why.to_owned()))),
+                )
+            })
+            .collect()
+    };
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("netns-worker".into())
+            .spawn_scoped(scope, || {
                 let opened: Vec<Result<File, NetnsError>> =
                     paths.iter().map(|p| open_namespace(p)).collect();
                 paths
                     .iter()
                     .zip(opened)
-                    .map(|(path, file)| {
+                    .enumerate()
+                    .map(|(index, (path, file))| {
                         let result = file.and_then(|file| {
                             setns(&file, CloneFlags::CLONE_NEWNET)
                                 .map_err(io::Error::from)
-                                .and_then(|()| work(path))
-                                .map_err(|source| NetnsError::Inside {
-                                    path: path.clone(),
-                                    source,
-                                })
+                                .and_then(|()| work(index, path))
+                                .map_err(|source| error(path.clone(), source))
                         });
                         (path.clone(), result)
                     })
                     .collect::<Vec<_>>()
-            })
-            .join()
-    });
-    ran.unwrap_or_else(|_| {
-        paths
-            .iter()
-            .map(|path| {
-                let source = io::Error::other("the namespace worker panicked");
-                let path = path.clone();
-                (path.clone(), Err(NetnsError::Inside { path, source }))
-            })
-            .collect()
+            });
+        match worker {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|_| failed("the namespace worker panicked")),
+            Err(_) => failed("cannot start the namespace worker thread"),
+        }
     })
 }
 
@@ -284,8 +248,8 @@ fn open_namespace(path: &Path) -> Result<File, NetnsError> {
     Ok(file)
 }
 
-fn enter_and_read_cookie(ns: &File) -> io::Result<u64> {
-    setns(ns, CloneFlags::CLONE_NEWNET)?;
+/// The cookie of the calling thread's network namespace.
+fn read_cookie() -> io::Result<u64> {
     // Any socket of the namespace carries its cookie; an unbound one needs no interface up.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
         .or_else(|_| socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None))?;

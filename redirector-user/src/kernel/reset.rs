@@ -85,7 +85,8 @@ impl Resetter {
             .ok_or(ResetError::Iterator(ProgramError::NotLoaded))?
             .try_into()
             .map_err(ResetError::Iterator)?;
-        let results = netns::run_in_each(namespaces, |_| {
+        let inside = |path, source| NetnsError::Inside { path, source };
+        let results = netns::run_in_each(namespaces, inside, |_, _| {
             // Each run is a fresh link and iterator: the iterator walks the namespace it is
             // created in, and reading it to the end runs the program over every socket.
             let link = program.attach().map_err(std::io::Error::other)?;
