@@ -9,6 +9,7 @@
 mod bridge;
 mod cleanup;
 mod http;
+pub mod hung_fs;
 pub mod k8s;
 pub mod kubelet;
 mod prereq;

@@ -2,9 +2,14 @@
 //! found it (or, for a rejected reload, as it was running).
 mod support;
 
-use std::{fmt::Write as _, time::Duration};
+use std::{
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
 
-use support::{Cluster, FORK, VIP4, attached_programs, run_redirector};
+use redirector_tests::hung_fs::HungMount;
+use redirector_user::api::answers::MemberState;
+use support::{Cluster, FORK, VIP4, attached_programs, cli, eventually, run_redirector, scrape};
 
 fn run_with(c: &Cluster, extra: &[&str]) -> (bool, String) {
     c.write_config(&c.config_text(true));
@@ -75,6 +80,81 @@ fn missing_member_namespace_is_a_warning_not_a_failure() {
         daemon.logs()
     );
     assert_eq!(c.tcp(&c.member, VIP4), FORK, "the other member is steered");
+}
+
+/// A member path through a file system that never answers (a hung FUSE or NFS mount: no
+/// open flag makes that lookup non-blocking) costs the daemon one thread, not its control
+/// loop: it starts, steers the other member, answers the API and the metrics endpoint at every
+/// poll, applies changes, says what is wrong once, and tries the path again once the lookup
+/// returns.
+#[test]
+fn member_path_on_a_hung_file_system_stalls_neither_the_api_nor_steering() {
+    let Some(mut c) = Cluster::new("err-hung") else {
+        return;
+    };
+    let mut hung = HungMount::new(&c.node.dir().join("hung")).expect("hung mount");
+    let hung_member = hung.path("pod-ns");
+    let text = c.config_text(true).replace(
+        "members = [\"",
+        &format!("members = [\"{}\", \"", hung_member.display()),
+    );
+    c.write_config(&text);
+    c.start(&["--poll-interval", "200ms"]);
+    assert_eq!(c.tcp(&c.member, VIP4), FORK, "the other member is steered");
+
+    // Every call answers promptly over several polls (each poll sees the path again).
+    let member_error = |c: &Cluster| {
+        support::status(c)
+            .members
+            .into_iter()
+            .find(|m| m.path == hung_member)
+            .map(|m| (m.state, m.error.unwrap_or_default()))
+    };
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (state, error) = member_error(&c).expect("the hung member is listed");
+        assert_eq!(state, MemberState::Unresolved);
+        assert!(error.contains("did not return within"), "{error}");
+        assert!(scrape(&c.node).contains("redirector_"), "metrics answer");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "status and metrics took {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A change through the API (its new member resolved as it applies) is not held up.
+    let started = Instant::now();
+    let outsider = c.outsider.netns_path().display().to_string();
+    let route = format!("svc-a={}:8080", c.fork.ipv4);
+    let (code, _, err) = cli(
+        &c,
+        &[
+            "sandbox", "create", "pr-api", "--member", &outsider, "--route", &route,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "an API change applies promptly"
+    );
+    assert_eq!(c.tcp(&c.outsider, VIP4), FORK, "the change took effect");
+    let logs = c.daemon().logs();
+    assert_eq!(
+        logs.matches("opening a member path hangs").count(),
+        1,
+        "said once, not at every poll:\n{logs}"
+    );
+
+    // Once the lookup returns, the path is tried again and fails for what it is now.
+    hung.release();
+    assert!(
+        eventually(Duration::from_secs(3), || member_error(&c)
+            .is_some_and(|(_, error)| !error.contains("did not return within"))),
+        "tried again after the hung lookup returned: {:?}",
+        member_error(&c)
+    );
+    assert_eq!(c.tcp(&c.member, VIP4), FORK);
 }
 
 /// More routes than the routes map holds: the reload is refused before anything is written.

@@ -252,6 +252,11 @@ fn connections_that_bypassed_a_dead_router_are_reset_when_it_is_back() {
         eventually(WITHIN, || established(&c, &c.frontend, SVC_A) == 0),
         "the bypassing connection is reset"
     );
+    // The run is recorded once it has been through every namespace.
+    assert!(
+        eventually(WITHIN, || !l7_stats(&c).resets.is_empty()),
+        "a reset report"
+    );
     let stats = l7_stats(&c);
     let report = stats.resets.last().expect("a reset report");
     assert_eq!(report.cause, ResetCause::RouterBack);

@@ -7,6 +7,7 @@
 //! are handled one at a time, each applied whole or not at all.
 mod kube;
 mod persist;
+mod reset_worker;
 mod resets;
 mod status;
 mod sync;
@@ -25,6 +26,7 @@ use http::StatusCode;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
+    task::JoinHandle,
 };
 use tracing::{error, info, warn};
 
@@ -245,11 +247,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         adopted = ?report.adopted,
         "programs in place"
     );
-    if let Err(err) = &kernel.resetter {
-        warn!(error = %crate::error_chain(err),
-            "routes with reset_on_change apply to new connections only on this node: \
-            live connections cannot be reset");
-    }
     for stale in &report.detached {
         info!(pins = %stale.display(), "detached programs of a cgroup no longer configured");
     }
@@ -423,6 +420,10 @@ impl Daemon {
         let mut tick = tokio::time::interval(self.opts.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut kube_updates = self.kube.as_ref().map(|k| k.source.updates.clone());
+        // The member poll in flight: resolving every member path enters each namespace (and a
+        // path may lead through a hung filesystem), so it runs on the blocking pool and the
+        // loop keeps answering meanwhile.
+        let mut poll: Option<JoinHandle<sync::Found>> = None;
 
         loop {
             tokio::select! {
@@ -430,7 +431,13 @@ impl Daemon {
                 _ = tick.tick() => {
                     if self.watched.changed() {
                         self.reload("file changed");
-                    } else if let Err(err) = self.sync.follow_members(&self.merged) {
+                    } else if poll.is_none() {
+                        let paths = sync::member_paths(&self.merged);
+                        poll = Some(tokio::task::spawn_blocking(move || sync::resolve(&paths)));
+                    }
+                }
+                Some(found) = poll_done(&mut poll) => {
+                    if let Err(err) = self.sync.follow_members(&self.merged, found) {
                         warn!(error = %crate::error_chain(&err), "following member namespaces failed");
                     }
                 }
@@ -646,6 +653,22 @@ async fn first_update(source: &source::Source) -> anyhow::Result<Option<Arc<sour
             }
             _ = terminate.recv() => return Ok(None),
             _ = interrupt.recv() => return Ok(None),
+        }
+    }
+}
+
+/// The answer of the member poll in flight, once it is there; never, while there is none.
+async fn poll_done(poll: &mut Option<JoinHandle<sync::Found>>) -> Option<sync::Found> {
+    let Some(handle) = poll else {
+        return std::future::pending().await;
+    };
+    let found = handle.await;
+    *poll = None;
+    match found {
+        Ok(found) => Some(found),
+        Err(err) => {
+            error!(error = %err, "the member poll failed; trying again at the next one");
+            None
         }
     }
 }

@@ -17,7 +17,6 @@ use crate::{
     },
     kernel::{
         maps::{KernelState, service_key},
-        netns,
         programs::{self, HOOKS},
     },
     state::DesiredState,
@@ -223,39 +222,41 @@ fn kubernetes(daemon: &Daemon) -> Option<KubernetesStatus> {
     })
 }
 
-/// Every member path: the namespace it names now against what the kernel's members map holds.
-/// A pod whose namespace was replaced shows as `stale` until the next poll follows it, instead
-/// of looking steered; one whose namespace is gone shows as `unresolved`, with the reason.
+/// Every member path: the namespace it named at the last poll (or the apply that added it)
+/// against what the kernel's members map holds. A pod whose namespace was replaced shows as
+/// `stale` while the kernel has not taken the new one (a failed apply), instead of looking
+/// steered; one whose namespace is gone shows as `unresolved`, with the reason. Nothing is
+/// resolved here: a status call never waits for a namespace.
 fn members(daemon: &Daemon) -> Vec<MemberStatus> {
     let in_kernel = daemon.sync.kernel.maps.read_members().unwrap_or_default();
     let ids = daemon.sync.ids.as_ref();
     let keys = daemon.merged.routing_keys();
-    let owners: Vec<(&str, &std::path::Path)> = keys
-        .iter()
+    keys.iter()
         .flat_map(|s| s.members.iter().map(|p| (s.key.as_str(), p.as_path())))
-        .collect();
-    let now = netns::resolve_all(owners.iter().map(|(_, path)| *path));
-    owners
-        .iter()
-        .zip(now)
-        .map(|((sandbox, path), (_, now))| {
+        .map(|(sandbox, path)| {
             let sandbox_id = ids.and_then(|ids| ids.sandbox_id(sandbox));
-            let (state, error) = match &now {
+            let now = match daemon.sync.found.get(path) {
+                Some(Ok(member)) => Ok(member.cookie),
+                Some(Err(error)) => Err(error.clone()),
+                None => Err("not resolved yet: the next poll resolves it".to_owned()),
+            };
+            let cookie = now.as_ref().ok().copied();
+            let (state, error) = match now {
                 Ok(cookie)
-                    if sandbox_id.is_some() && in_kernel.get(cookie) == sandbox_id.as_ref() =>
+                    if sandbox_id.is_some() && in_kernel.get(&cookie) == sandbox_id.as_ref() =>
                 {
                     (MemberState::Steered, None)
                 }
-                Ok(_) if daemon.sync.resolved.contains_key(*path) => (MemberState::Stale, None),
+                Ok(_) if daemon.sync.resolved.contains_key(path) => (MemberState::Stale, None),
                 Ok(_) => (MemberState::NotApplied, None),
-                Err(err) => (MemberState::Unresolved, Some(crate::error_chain(&err))),
+                Err(error) => (MemberState::Unresolved, Some(error)),
             };
             MemberStatus {
-                sandbox: (*sandbox).to_owned(),
+                sandbox: sandbox.to_owned(),
                 path: path.to_path_buf(),
                 state,
-                cookie: now.as_ref().ok().copied(),
-                kernel_cookie: daemon.sync.resolved.get(*path).copied(),
+                cookie,
+                kernel_cookie: daemon.sync.resolved.get(path).copied(),
                 error,
             }
         })
@@ -333,13 +334,7 @@ fn stats(daemon: &Daemon) -> StatsAnswer {
         routes,
         router,
         resets: daemon.sync.resets.recent(),
-        reset_unavailable: daemon
-            .sync
-            .kernel
-            .resetter
-            .as_ref()
-            .err()
-            .map(|err| crate::error_chain(err)),
+        reset_unavailable: daemon.sync.resets.unavailable().map(str::to_owned),
     }
 }
 

@@ -1,15 +1,19 @@
 //! The one writer of the kernel's state maps: turns a desired state into map entries and
 //! applies the difference, and keeps the router's table in step.
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
-use super::resets::{self, ResetLog};
-use crate::{
-    api::answers::ResetCause,
-    kernel::reset::{MemberResets, ResetError},
+use super::{
+    reset_worker::{Job, Namespaces, ResetWorker},
+    resets,
 };
+use crate::api::answers::ResetCause;
 use crate::{
     kernel::{
         maps::{Handoff, Ids, KernelState, MemberCookies, SyncError, encode},
@@ -33,6 +37,9 @@ pub struct Sync {
     pub written: Option<KernelState>,
     /// The member cookies the kernel holds, by path, as of the last apply.
     pub resolved: MemberCookies,
+    /// What each member path named when last resolved (by the poll, or by an apply for a
+    /// path new to it), with the error chain when it named no usable namespace.
+    pub found: HashMap<PathBuf, Result<netns::Member, String>>,
     /// The addresses of the members of sandboxes with `inject_key`, as of the last apply.
     addresses: MemberAddresses,
     /// The cookie of the daemon's own network namespace (the node's, for a DaemonSet), read
@@ -42,8 +49,8 @@ pub struct Sync {
     pub unresolved_members: usize,
     /// The state of the last apply, to tell which routes a new one changes.
     applied: Option<DesiredState>,
-    /// What route changes reset (`reset_on_change`).
-    pub resets: ResetLog,
+    /// Runs the resets that route changes ask for (`reset_on_change`), off the control loop.
+    pub resets: ResetWorker,
 }
 
 pub struct Applied {
@@ -52,7 +59,8 @@ pub struct Applied {
 }
 
 impl Sync {
-    pub fn new(kernel: Kernel, table: Arc<ArcSwap<RouteTable>>, handoff: Handoff) -> Sync {
+    pub fn new(mut kernel: Kernel, table: Arc<ArcSwap<RouteTable>>, handoff: Handoff) -> Sync {
+        let resets = ResetWorker::start(kernel.take_resetter());
         Sync {
             kernel,
             table,
@@ -60,30 +68,56 @@ impl Sync {
             ids: None,
             written: None,
             resolved: MemberCookies::new(),
+            found: HashMap::new(),
             addresses: MemberAddresses::new(),
             own_netns: None,
             unresolved_members: 0,
             applied: None,
-            resets: ResetLog::default(),
+            resets,
         }
     }
 
-    /// Makes the kernel hold `desired`, with every member path resolved now.
+    /// Makes the kernel hold `desired`. Member paths new to the daemon are resolved now; the
+    /// others as the last poll found them (the next poll follows any that changed since).
     pub fn apply(&mut self, desired: &DesiredState) -> Result<Applied, SyncError> {
-        let (cookies, addresses) = self.resolve_members(desired);
+        let unknown: Vec<(PathBuf, bool)> = member_paths(desired)
+            .into_iter()
+            .filter(|(path, addresses)| match self.found.get(path) {
+                Some(Ok(member)) => *addresses && member.addresses.is_none(),
+                Some(Err(_)) => false,
+                None => true,
+            })
+            .collect();
+        if !unknown.is_empty() {
+            self.found_now(resolve(&unknown));
+        }
+        let (cookies, addresses) = self.members_of(desired);
         self.apply_resolved(desired, cookies, addresses)
     }
 
-    /// Reads every member path's cookie again and applies `desired` if one differs from what
-    /// the kernel holds: a pod whose namespace appeared, went, or was replaced at the same path.
+    /// Takes in a poll's answer for every member path (see [`member_paths`] and [`resolve`],
+    /// run off the control loop) and applies `desired` if a cookie differs from what the
+    /// kernel holds: a pod whose namespace appeared, went, or was replaced at the same path.
     /// Returns whether anything was applied.
-    pub fn follow_members(&mut self, desired: &DesiredState) -> Result<bool, SyncError> {
-        let (cookies, addresses) = self.resolve_members(desired);
+    pub fn follow_members(
+        &mut self,
+        desired: &DesiredState,
+        found: Found,
+    ) -> Result<bool, SyncError> {
+        self.found_now(found);
+        let (cookies, addresses) = self.members_of(desired);
         if self.written.is_some() && cookies == self.resolved && addresses == self.addresses {
             return Ok(false);
         }
         self.apply_resolved(desired, cookies, addresses)?;
         Ok(true)
+    }
+
+    fn found_now(&mut self, found: Found) {
+        for (path, result) in found {
+            self.found
+                .insert(path, result.map_err(|err| crate::error_chain(&err)));
+        }
     }
 
     fn apply_resolved(
@@ -129,92 +163,66 @@ impl Sync {
         Ok(Applied { members, changed })
     }
 
-    /// Resets the member sockets of the routes with `reset_on_change` that this apply moved,
-    /// now that the maps say where their new connections go. The daemon's first apply resets
-    /// nothing: it cannot know what changed while it was not running.
+    /// Queues resets of the member sockets of the routes with `reset_on_change` that this
+    /// apply moved, now that the maps say where their new connections go. The daemon's first
+    /// apply resets nothing: it cannot know what changed while it was not running.
     fn reset_moved_sockets(&mut self, before: &DesiredState, after: &DesiredState) {
         let Some(ids) = &self.ids else { return };
         for plan in resets::plan(before, after, ids) {
-            let Some(outcome) = self.kernel.reset_sockets(&plan.requests, &plan.members) else {
-                warn!(sandbox = %plan.key, services = ?plan.services,
-                    "route changed with reset_on_change, but this kernel cannot reset sockets");
-                continue;
-            };
-            let (closed, errors) = tally(outcome, false);
-            if errors.is_empty() {
-                info!(sandbox = %plan.key, services = ?plan.services, closed,
-                    "route changed: member connections reset");
-            } else {
-                warn!(sandbox = %plan.key, services = ?plan.services, closed, ?errors,
-                    "route changed: member connections reset, some namespaces failed");
-            }
-            self.resets.record(
-                ResetCause::RouteChange,
-                &plan.key,
-                &plan.services,
-                closed,
-                errors,
-            );
+            self.resets.submit(Job {
+                cause: ResetCause::RouteChange,
+                key: plan.key,
+                services: plan.services,
+                requests: plan.requests,
+                namespaces: Namespaces::Members(plan.members),
+            });
         }
     }
 
-    /// Resets the connections that pods in `cgroup` opened straight to a forked HTTP service
-    /// while the router was down, so that they come back through it (`router.reset_bypassed`).
-    /// Call once the router is up and the maps hold `desired`.
+    /// Queues a reset of the connections that pods in `cgroup` opened straight to a forked HTTP
+    /// service while the router was down, so that they come back through it
+    /// (`router.reset_bypassed`). Call once the router is up and the maps hold `desired`.
     pub fn reset_bypassed(&mut self, desired: &DesiredState, cgroup: &Path) {
         let Some(written) = &self.written else { return };
         let (services, requests) = resets::bypassed(desired, written);
         if requests.is_empty() {
             return;
         }
-        let namespaces = match netns::of_cgroup(cgroup) {
-            Ok(namespaces) => namespaces,
-            Err(err) => {
-                warn!(cgroup = %cgroup.display(), error = %err,
-                    "cannot list the pods' network namespaces; no connection reset");
-                return;
-            }
-        };
-        let Some(outcome) = self.kernel.reset_sockets(&requests, &namespaces) else {
-            warn!("router.reset_bypassed is set, but this kernel cannot reset sockets");
-            return;
-        };
-        let (closed, errors) = tally(outcome, true);
-        info!(services = ?services, namespaces = namespaces.len(), closed,
-            "router up: connections that bypassed it reset");
-        self.resets
-            .record(ResetCause::RouterBack, "", &services, closed, errors);
+        self.resets.submit(Job {
+            cause: ResetCause::RouterBack,
+            key: String::new(),
+            services,
+            requests,
+            namespaces: Namespaces::Cgroup(cgroup.to_owned()),
+        });
     }
 
-    /// The cookie of every member path of `desired` now. Paths that do not resolve are left
-    /// out (their pods are gone or not there yet), so their old cookies leave the kernel.
-    /// The members of sandboxes with `inject_key` also have their addresses read, for the
-    /// router to know their requests.
-    fn resolve_members(&mut self, desired: &DesiredState) -> (MemberCookies, MemberAddresses) {
+    /// The cookie of every member path of `desired`, as last found, and the addresses of the
+    /// members of sandboxes with `inject_key`, for the router to know their requests. Paths
+    /// that did not resolve are left out (their pods are gone or not there yet), so their old
+    /// cookies leave the kernel; what was found for paths `desired` no longer has is dropped.
+    fn members_of(&mut self, desired: &DesiredState) -> (MemberCookies, MemberAddresses) {
         let keys = desired.routing_keys();
-        let owners: HashMap<&Path, (&str, bool)> = keys
+        let owners: HashMap<&Path, &str> = keys
             .iter()
-            .flat_map(|s| {
-                s.members
-                    .iter()
-                    .map(|p| (p.as_path(), (s.key.as_str(), s.inject_key)))
-            })
+            .flat_map(|s| s.members.iter().map(|p| (p.as_path(), s.key.as_str())))
             .collect();
+        self.found
+            .retain(|path, _| owners.contains_key(path.as_path()));
         let mut cookies = MemberCookies::new();
         let mut addresses = MemberAddresses::new();
         let mut unresolved = 0;
-        let asked = owners.iter().map(|(path, (_, inject))| (*path, *inject));
         let own_netns = *self
             .own_netns
             .get_or_insert_with(|| netns::cookie(Path::new("/proc/self/ns/net")).ok());
-        for (path, result) in netns::resolve_with_addresses(asked) {
-            let sandbox = owners.get(path.as_path()).map_or("", |(key, _)| *key);
-            let before = self.resolved.get(&path).copied();
-            match result {
-                Ok(netns::Member {
+        for (path, sandbox) in owners {
+            let before = self.resolved.get(path).copied();
+            match self.found.get(path) {
+                Some(Ok(netns::Member {
                     cookie,
                     addresses: listed,
-                }) => {
+                })) => {
+                    let cookie = *cookie;
                     if let Some(listed) = listed {
                         if Some(cookie) == own_netns {
                             if before != Some(cookie) {
@@ -223,25 +231,26 @@ impl Sync {
                                     no key is injected for it");
                             }
                         } else {
-                            addresses.insert(path.clone(), listed);
+                            addresses.insert(path.to_owned(), listed.clone());
                         }
                     }
                     if let Some(before) = before.filter(|b| *b != cookie) {
                         info!(sandbox, member = %path.display(), old_cookie = before, cookie,
                             "member namespace replaced; following the new one");
                     }
-                    cookies.insert(path, cookie);
+                    cookies.insert(path.to_owned(), cookie);
                 }
-                Err(err) => {
+                Some(Err(error)) => {
                     unresolved += 1;
                     // Pods come and go: not a config error. Said once per member that was
                     // steered, and once per batch while nothing resolves, not every poll.
                     if before.is_some() || self.unresolved_members == 0 {
-                        warn!(sandbox, member = %path.display(),
-                            error = %crate::error_chain(&err),
+                        warn!(sandbox, member = %path.display(), error,
                             "member namespace not usable; retrying every poll interval");
                     }
                 }
+                // Asked for since the last poll or apply began: the next one answers.
+                None => unresolved += 1,
             }
         }
         self.unresolved_members = unresolved;
@@ -249,25 +258,27 @@ impl Sync {
     }
 }
 
-/// Sockets closed by one reset, and the namespaces it could not run in. With `vanishing`, the
-/// namespaces are those of processes listed a moment before, so one whose process exited
-/// meanwhile is not an error.
-fn tally(outcome: Result<Vec<MemberResets>, ResetError>, vanishing: bool) -> (u64, Vec<String>) {
-    let mut closed = 0;
-    let mut errors = Vec::new();
-    match outcome {
-        Ok(namespaces) => {
-            for (path, result) in namespaces {
-                match result {
-                    Ok(reset) => closed += reset.len() as u64,
-                    Err(netns::NetnsError::Open { .. }) if vanishing => {}
-                    Err(err) => {
-                        errors.push(format!("{}: {}", path.display(), crate::error_chain(&err)));
-                    }
-                }
-            }
+/// What a poll found for each member path.
+pub type Found = Vec<(PathBuf, Result<netns::Member, netns::NetnsError>)>;
+
+/// Every member path of `desired`, with whether its addresses are wanted (members of
+/// sandboxes with `inject_key`): what a poll resolves.
+pub fn member_paths(desired: &DesiredState) -> Vec<(PathBuf, bool)> {
+    let mut paths: HashMap<PathBuf, bool> = HashMap::new();
+    for key in desired.routing_keys() {
+        for path in &key.members {
+            *paths.entry(path.clone()).or_default() |= key.inject_key;
         }
-        Err(err) => errors.push(crate::error_chain(&err)),
     }
-    (closed, errors)
+    paths.into_iter().collect()
+}
+
+/// Resolves `paths` (see [`netns::resolve_with_addresses`]); blocking, so the control loop runs
+/// it for polls on a thread of the blocking pool.
+pub fn resolve(paths: &[(PathBuf, bool)]) -> Found {
+    netns::resolve_with_addresses(
+        paths
+            .iter()
+            .map(|(path, addresses)| (path.as_path(), *addresses)),
+    )
 }

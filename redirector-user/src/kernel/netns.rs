@@ -7,6 +7,7 @@
 //! namespace: only the cookie does, and it is never reused. The daemon therefore reads the
 //! cookie of every member path at every poll and compares cookies.
 use std::{
+    collections::BTreeSet,
     fs::File,
     io,
     net::IpAddr,
@@ -40,7 +41,21 @@ pub enum NetnsError {
         #[source]
         source: io::Error,
     },
+    /// Opening the path did not return within [`OPEN_TIMEOUT`] (a hung FUSE or network
+    /// filesystem on the way, say). The thread stuck in that open is left to it, and the path
+    /// is not tried again until the open returns.
+    #[error(
+        "opening {path} did not return within {}s (a hung filesystem on the way?); \
+         not tried again until it does", OPEN_TIMEOUT.as_secs())]
+    Stalled { path: PathBuf },
 }
+
+/// How long opening one member path may take before it counts as stalled. Opening a namespace
+/// file takes microseconds; only a path through a hung filesystem takes longer.
+pub const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Paths whose open is stuck in the kernel, each with the one thread waiting in it.
+static STALLED: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
 
 /// nsfs' `f_type` (`NSFS_MAGIC` in linux/magic.h).
 const NSFS_MAGIC: i64 = 0x6e73_6673;
@@ -127,8 +142,8 @@ pub fn addresses(path: &Path) -> Result<Vec<std::net::IpAddr>, NetnsError> {
 /// (the caller's threads never change namespace), with each path's own result, in order (`work`
 /// is given the path and its index in `paths`); a
 /// failure to enter a namespace or of `work` there is reported through `error`. Every path is
-/// opened before any namespace is entered (`/proc/self/...` paths name the worker's own
-/// namespaces, which setns changes), never blocking, and must be an nsfs file.
+/// opened first ([`open_all`]: never blocking for longer than [`OPEN_TIMEOUT`] per path, and
+/// it must be an nsfs file), before the worker enters any namespace.
 pub fn run_in_each<T: Send>(
     paths: &[PathBuf],
     error: impl Fn(PathBuf, io::Error) -> NetnsError + Sync,
@@ -147,12 +162,11 @@ pub fn run_in_each<T: Send>(
             })
             .collect()
     };
+    let opened = open_all(paths);
     std::thread::scope(|scope| {
         let worker = std::thread::Builder::new()
             .name("netns-worker".into())
             .spawn_scoped(scope, || {
-                let opened: Vec<Result<File, NetnsError>> =
-                    paths.iter().map(|p| open_namespace(p)).collect();
                 paths
                     .iter()
                     .zip(opened)
@@ -226,6 +240,97 @@ fn local_addresses() -> io::Result<Vec<IpAddr>> {
         })
         .collect();
     Ok(addresses)
+}
+
+/// Opens every path as [`open_namespace`] does, on opener threads, so that an open stuck in
+/// the kernel (a path through a hung FUSE or NFS mount: no flag makes a path lookup
+/// non-blocking) costs the caller [`OPEN_TIMEOUT`] once. That path then fails with
+/// [`NetnsError::Stalled`], its opener is left waiting, and a fresh opener carries on with the
+/// rest; later calls fail the path at once until the stuck open returns. Paths opened by
+/// another thread name the same namespaces: only `/proc/thread-self` differs, and every thread
+/// here is in the daemon's own namespaces.
+pub fn open_all(paths: &[PathBuf]) -> Vec<Result<File, NetnsError>> {
+    use std::sync::mpsc;
+    let mut results: Vec<Option<Result<File, NetnsError>>> = paths.iter().map(|_| None).collect();
+    let mut todo: Vec<usize> = Vec::with_capacity(paths.len());
+    {
+        let stalled = STALLED.lock().unwrap_or_else(|e| e.into_inner());
+        for (index, path) in paths.iter().enumerate() {
+            if stalled.contains(path) {
+                results[index] = Some(Err(NetnsError::Stalled { path: path.clone() }));
+            } else {
+                todo.push(index);
+            }
+        }
+    }
+    while !todo.is_empty() {
+        let (sender, answers) = mpsc::channel();
+        let batch: Vec<(usize, PathBuf)> = todo.iter().map(|&i| (i, paths[i].clone())).collect();
+        let started = std::thread::Builder::new()
+            .name("netns-opener".into())
+            .spawn(move || {
+                for (index, path) in batch {
+                    let result = open_namespace(&path);
+                    // Given up on as stalled while it waited: its open has returned, so the
+                    // path may be tried again, and the rest of the batch is another opener's.
+                    let given_up = STALLED
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&path);
+                    if given_up || sender.send((index, result)).is_err() {
+                        return;
+                    }
+                }
+            });
+        if let Err(source) = started {
+            for index in todo.drain(..) {
+                let path = paths[index].clone();
+                let source = io::Error::new(source.kind(), "cannot start a thread to open it");
+                results[index] = Some(Err(NetnsError::Open { path, source }));
+            }
+            break;
+        }
+        let mut done = 0;
+        loop {
+            match answers.recv_timeout(OPEN_TIMEOUT) {
+                Ok((index, result)) => {
+                    results[index] = Some(result);
+                    done += 1;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // The opener is stuck on the first path it has not answered.
+                    let index = todo[done];
+                    let path = paths[index].clone();
+                    STALLED
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(path.clone());
+                    warn!(member = %path.display(), timeout = ?OPEN_TIMEOUT,
+                        "opening a member path hangs; leaving a thread waiting in it");
+                    results[index] = Some(Err(NetnsError::Stalled { path }));
+                    done += 1;
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    done = todo.len();
+                    break;
+                }
+            }
+        }
+        todo.drain(..done.min(todo.len()));
+    }
+    results
+        .into_iter()
+        .zip(paths)
+        .map(|(result, path)| {
+            result.unwrap_or_else(|| {
+                Err(NetnsError::Open {
+                    path: path.clone(),
+                    source: io::Error::other("the opener thread ended without an answer"),
+                })
+            })
+        })
+        .collect()
 }
 
 /// Opens `path` as a namespace file without ever blocking, and refuses anything not on nsfs.

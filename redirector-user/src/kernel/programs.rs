@@ -33,7 +33,7 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use redirector_common::{MAP_VERSION, ResetRequest, RouterConfig, ServiceKey, SockAddr, map_names};
+use redirector_common::{MAP_VERSION, RouterConfig, SockAddr, map_names};
 use sha2::{Digest as _, Sha256};
 
 use super::{
@@ -165,21 +165,20 @@ pub struct Kernel {
     pub router: Option<Array<MapData, RouterConfig>>,
     /// The router's listening sockets; taken by the router.
     pub router_sockets: Option<SockMap<MapData>>,
-    /// The reset iterator (`reset_on_change`), or why this kernel cannot reset sockets.
-    pub resetter: Result<Resetter, reset::Unavailable>,
-    ebpf: Ebpf,
+    /// The reset iterator (`reset_on_change`), which holds the object, or why this kernel
+    /// cannot reset sockets; taken by whoever runs resets.
+    resetter: Option<Result<Resetter, reset::Unavailable>>,
+    /// The object, when no resetter holds it.
+    _ebpf: Option<Ebpf>,
 }
 
 impl Kernel {
-    /// Resets the sockets in `namespaces` that `requests` select (see [`reset`]). None when
-    /// this kernel cannot reset sockets (said at start).
-    pub fn reset_sockets(
-        &mut self,
-        requests: &[(ServiceKey, ResetRequest)],
-        namespaces: &[PathBuf],
-    ) -> Option<Result<Vec<reset::MemberResets>, reset::ResetError>> {
-        let resetter = self.resetter.as_mut().ok()?;
-        Some(resetter.run(&mut self.ebpf, requests, namespaces))
+    /// The reset iterator, or why this kernel cannot reset sockets (said at start). The first
+    /// call takes it; later ones say it was taken.
+    pub fn take_resetter(&mut self) -> Result<Resetter, reset::Unavailable> {
+        self.resetter
+            .take()
+            .unwrap_or_else(|| Err(reset::Unavailable::Taken))
     }
 }
 
@@ -227,11 +226,6 @@ pub fn start(
     let orig_dst = take(&mut ebpf, map_names::ORIG_DST)?;
     let router = take(&mut ebpf, map_names::ROUTER)?;
     let router_sockets = take(&mut ebpf, map_names::ROUTER_SOCKETS)?;
-    let resetter = match sock_destroy {
-        Ok(_) => Resetter::load(&mut ebpf),
-        Err(err) => Err(err.into()),
-    };
-
     let cgroup_file = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_owned(),
         source,
@@ -295,14 +289,22 @@ pub fn start(
         }
     }
 
+    let loaded = match sock_destroy {
+        Ok(_) => Resetter::load(&mut ebpf),
+        Err(err) => Err(err.into()),
+    };
+    let (resetter, ebpf) = match loaded {
+        Ok(loaded) => (Ok(loaded.holding(ebpf)), None),
+        Err(why) => (Err(why), Some(ebpf)),
+    };
     Ok((
         Kernel {
             maps,
             orig_dst: Some(orig_dst),
             router: Some(router),
             router_sockets: Some(router_sockets),
-            resetter,
-            ebpf,
+            resetter: Some(resetter),
+            _ebpf: ebpf,
         },
         report,
     ))

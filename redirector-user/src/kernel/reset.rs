@@ -27,6 +27,8 @@ pub enum Unavailable {
     Kernel(#[from] super::kfunc::KfuncError),
     #[error("the reset iterator was refused: {0}")]
     Program(String),
+    #[error("the reset iterator is in use elsewhere (a bug)")]
+    Taken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,18 +39,35 @@ pub enum ResetError {
     Iterator(#[source] ProgramError),
 }
 
-/// The loaded reset iterator and its request map.
+/// The loaded reset iterator and its request map, with the object they belong to (the only
+/// part of it used once the programs are attached), so that resets can run on a thread of
+/// their own.
 pub struct Resetter {
+    ebpf: Ebpf,
     requests: BpfHashMap<MapData, ServiceKey, ResetRequest>,
 }
 
 /// One run in one namespace: the dialed address of every socket it reset.
 pub type MemberResets = (PathBuf, Result<Vec<SockAddr>, NetnsError>);
 
+/// The reset iterator loaded into its object, with its request map, until the object is
+/// handed over with [`Loaded::holding`].
+pub struct Loaded(BpfHashMap<MapData, ServiceKey, ResetRequest>);
+
+impl Loaded {
+    /// The resetter, owning `ebpf`: the object this was loaded into.
+    pub fn holding(self, ebpf: Ebpf) -> Resetter {
+        Resetter {
+            ebpf,
+            requests: self.0,
+        }
+    }
+}
+
 impl Resetter {
     /// Loads the iterator of an object whose socket-destroy call was patched in
     /// ([`super::kfunc::patch_sock_destroy`]).
-    pub fn load(ebpf: &mut Ebpf) -> Result<Resetter, Unavailable> {
+    pub fn load(ebpf: &mut Ebpf) -> Result<Loaded, Unavailable> {
         let refused = |e: &dyn std::fmt::Display| Unavailable::Program(e.to_string());
         let btf = Btf::from_sys_fs().map_err(|e| refused(&e))?;
         let program: &mut Iter = ebpf
@@ -63,14 +82,13 @@ impl Resetter {
             .take_map(map_names::RESETS)
             .ok_or_else(|| refused(&"no request map (build mismatch)"))?;
         let requests = BpfHashMap::try_from(requests).map_err(|e| refused(&e))?;
-        Ok(Resetter { requests })
+        Ok(Loaded(requests))
     }
 
     /// Resets, in each of `namespaces`, the TCP sockets of the services in `requests` (service
     /// as dialed -> which of its sockets) that the requests select.
     pub fn run(
         &mut self,
-        ebpf: &mut Ebpf,
         requests: &[(ServiceKey, ResetRequest)],
         namespaces: &[PathBuf],
     ) -> Result<Vec<MemberResets>, ResetError> {
@@ -80,7 +98,8 @@ impl Resetter {
                 .insert(service, request, 0)
                 .map_err(ResetError::Requests)?;
         }
-        let program: &mut Iter = ebpf
+        let program: &mut Iter = self
+            .ebpf
             .program_mut(PROGRAM)
             .ok_or(ResetError::Iterator(ProgramError::NotLoaded))?
             .try_into()
