@@ -6,7 +6,7 @@
 //! Output goes through [`out`]: `print!` panics when stdout is a closed pipe.
 #![deny(clippy::print_stdout)]
 mod cluster;
-mod control;
+pub(crate) mod control;
 pub mod out;
 mod render;
 

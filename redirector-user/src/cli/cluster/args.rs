@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::{
-    cli::Output,
+    cli::{Output, control::PolicyArg},
     k8s::crd::{
         self, Customizations, EnvOverride, Fork, ImageOverride, MemberSelector, SandboxSpec,
         WorkloadKind, WorkloadRef,
@@ -103,6 +103,14 @@ pub struct CreateArgs {
     /// the key (`spec.injectKey`, for members that do not propagate it).
     #[arg(long)]
     pub inject_key: bool,
+    /// What the node router does with a request whose fork cannot be reached, for every fork
+    /// (`onForkError`) [default: error].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub on_fork_error: Option<PolicyArg>,
+    /// Reset the members' TCP connections when a fork's routes change, so pooled connections
+    /// follow them, for every fork (`resetOnChange`; Linux 6.5+ on the nodes).
+    #[arg(long)]
+    pub reset_on_change: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
     /// Output format (with json, progress goes to stderr and the object to stdout).
@@ -280,6 +288,11 @@ impl CreateArgs {
                         namespace: None,
                     }),
                     customizations: Some(customizations),
+                    on_fork_error: self.on_fork_error.map(|policy| match policy {
+                        PolicyArg::Error => crd::OnForkError::Error,
+                        PolicyArg::Baseline => crd::OnForkError::Baseline,
+                    }),
+                    reset_on_change: self.reset_on_change.then_some(true),
                     ..Fork::default()
                 })
                 .collect(),
@@ -680,6 +693,34 @@ mod tests {
                 "members": [{"labelSelector": {"matchLabels": {"job": "t"}}}]
             })
         );
+    }
+
+    #[test]
+    fn fork_error_policy_and_reset_go_into_every_fork_only_when_asked() {
+        let off = spec(&["--fork", "svc-a=img:1", "--fork", "svc-b=img:2"]).expect("spec");
+        let json = serde_json::to_value(&off).expect("serializes");
+        for fork in json["forks"].as_array().expect("forks") {
+            assert!(fork.get("onForkError").is_none() && fork.get("resetOnChange").is_none());
+        }
+        let on = spec(&[
+            "--fork",
+            "svc-a=img:1",
+            "--fork",
+            "svc-b=img:2",
+            "--on-fork-error",
+            "baseline",
+            "--reset-on-change",
+        ])
+        .expect("spec");
+        let json = serde_json::to_value(&on).expect("serializes");
+        let forks = json["forks"].as_array().expect("forks");
+        assert_eq!(forks.len(), 2);
+        for fork in forks {
+            assert_eq!(fork["onForkError"], "baseline", "{fork}");
+            assert_eq!(fork["resetOnChange"], true, "{fork}");
+        }
+        let bad = usage_error(&["--fork", "svc-a=img:1", "--on-fork-error", "retry"]);
+        assert!(bad.contains("possible values: error, baseline"), "{bad}");
     }
 
     #[test]
