@@ -16,6 +16,7 @@ mod validate;
 use std::{
     fmt,
     net::SocketAddr,
+    num::NonZeroUsize,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -31,6 +32,18 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/redirector";
 pub const DEFAULT_KEY_NAME: &str = "sd-routing-key";
 pub const DEFAULT_API_SOCKET: &str = "/run/redirector/api.sock";
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/redirector/state.json";
+
+/// The most `router.accept_loops`: past the cores of large nodes, more listeners only add
+/// queues to drain and descriptors to hold.
+pub const MAX_ACCEPT_LOOPS: usize = 64;
+
+/// One accept loop per CPU the daemon may run on (its affinity and cgroup CPU quota, as
+/// `available_parallelism` reads them), at most [`MAX_ACCEPT_LOOPS`]; one if that cannot be
+/// read.
+pub fn default_accept_loops() -> NonZeroUsize {
+    let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+    NonZeroUsize::new(cpus.min(MAX_ACCEPT_LOOPS)).unwrap_or(NonZeroUsize::MIN)
+}
 
 /// Daemon settings from the `[daemon]` table; command-line flags override them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,6 +65,9 @@ pub struct DaemonSettings {
 pub struct RouterSettings {
     /// At most one address per IP family; empty: no router, HTTP services get L4 steering only.
     pub listen: Vec<SocketAddr>,
+    /// Listening sockets per address, each with its own accept loop, so that accepting
+    /// connections is spread over the cores (see `router::bind`).
+    pub accept_loops: NonZeroUsize,
     /// Routing-key name looked for in the carriers (`baggage`, `tracestate`, `uberctx-*`,
     /// `ot-baggage-*`).
     pub key_name: String,
@@ -80,6 +96,7 @@ impl Default for RouterSettings {
     fn default() -> Self {
         RouterSettings {
             listen: Vec::new(),
+            accept_loops: default_accept_loops(),
             key_name: DEFAULT_KEY_NAME.to_owned(),
             extra_key_headers: Vec::new(),
             upstream_header: None,
@@ -251,6 +268,7 @@ struct RawDaemon {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawRouter {
+    accept_loops: Option<Spanned<u64>>,
     key_name: Option<Spanned<String>>,
     #[serde(default)]
     extra_key_headers: Vec<Spanned<String>>,
@@ -524,10 +542,12 @@ extra_key_headers = ["x-sandbox"]
 upstream_header = "x-redirector-upstream"
 connect_timeout_ms = 500
 reset_bypassed = true
+accept_loops = 3
 "#,
         )
         .expect("valid");
         let router = config.router;
+        assert_eq!(router.accept_loops.get(), 3);
         assert!(router.reset_bypassed);
         assert!(!RouterSettings::default().reset_bypassed, "off by default");
         assert_eq!(router.listen.len(), 2);
@@ -546,6 +566,42 @@ reset_bypassed = true
             parse("[daemon]\n").unwrap().router,
             RouterSettings::default()
         );
+    }
+
+    #[test]
+    fn accept_loops_default_to_the_cpus_the_daemon_may_use() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let default = parse("[router]\n").expect("valid").router.accept_loops;
+        assert_eq!(default.get(), cpus.min(MAX_ACCEPT_LOOPS));
+        assert_eq!(default, RouterSettings::default().accept_loops);
+        for n in [1, MAX_ACCEPT_LOOPS] {
+            let text = format!("[router]\naccept_loops = {n}\n");
+            assert_eq!(parse(&text).expect("valid").router.accept_loops.get(), n);
+        }
+    }
+
+    #[test]
+    fn accept_loops_out_of_range_are_located() {
+        for value in ["0", "65", "4294967296", "9223372036854775807"] {
+            let text = format!("[daemon]\n[router]\nkey_name = \"k\"\naccept_loops = {value}\n");
+            assert_eq!(
+                located(&text),
+                [(
+                    4,
+                    16,
+                    "router.accept_loops".to_owned(),
+                    format!("must be between 1 and {MAX_ACCEPT_LOOPS}")
+                )],
+                "{value}"
+            );
+        }
+        // Not a count at all: the parser's own message, at the value.
+        for value in ["-1", "\"4\"", "2.5"] {
+            let text = format!("[router]\naccept_loops = {value}\n");
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{value}: {errs:?}");
+            assert_eq!((errs[0].line, errs[0].column), (2, 16), "{value}: {errs:?}");
+        }
     }
 
     #[test]

@@ -5,7 +5,11 @@ mod support;
 use std::time::Duration;
 
 use redirector_tests::HttpReq;
-use support::l7::{L7, Routes, SVC_A, SVC_A6, SVC_B, baggage, served_by, upstream};
+use redirector_user::api::answers::StatusAnswer;
+use support::l7::{
+    L7, ROUTER4, ROUTER6, Routes, SVC_A, SVC_A6, SVC_B, baggage, listening_sockets, served_by,
+    upstream,
+};
 
 fn get_with_key(key: Option<&str>) -> String {
     let req = HttpReq::get("/who");
@@ -334,4 +338,84 @@ fn the_routers_own_upstream_connections_are_never_captured() {
         ],
     );
     assert_eq!(served_by(&lines), ["baseline", "fork-pr1"], "{lines:#?}");
+}
+
+#[test]
+fn several_accept_loops_share_the_routers_address_and_route_every_connection() {
+    let Some(mut c) = L7::new("l7-loops") else {
+        return;
+    };
+    let config = c
+        .config_text(Routes::both())
+        .replace("[router]\n", "[router]\naccept_loops = 3\n");
+    c.start_with(&config);
+    let pid = c.daemon().pid();
+    for router in [ROUTER4, ROUTER6] {
+        assert_eq!(listening_sockets(pid, router), 3, "{router}");
+    }
+
+    // 24 connections open at once (a second request after a pause keeps each one open while
+    // the others come), alternating families and keys.
+    let keys = [Some("pr-1"), Some("pr-2"), None];
+    let expected = ["fork-pr1", "fork-pr2", "baseline"];
+    let c = &c;
+    let results: Vec<(usize, Vec<serde_json::Value>)> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..24)
+            .map(|i| {
+                scope.spawn(move || {
+                    let vip = if i % 2 == 0 { SVC_A } else { SVC_A6 };
+                    let key = keys[i % 3];
+                    let first = get_with_key(key);
+                    let mut second = HttpReq::get("/who").pause_ms(1500);
+                    if let Some(key) = key {
+                        second = second.header("baggage", &baggage(key));
+                    }
+                    let second = second.spec();
+                    let args = ["h1", "--addr", vip, "--req", &first, "--req", &second];
+                    (i, c.http(&c.frontend, &args))
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .map(|client| client.join().expect("client thread"))
+            .collect()
+    });
+    for (i, lines) in &results {
+        assert_eq!(
+            served_by(lines),
+            [expected[i % 3]; 2],
+            "connection {i}: {lines:#?}"
+        );
+        assert!(
+            lines.iter().all(|l| upstream(l).is_some()),
+            "connection {i} went through the router: {lines:#?}"
+        );
+    }
+
+    // The kernel spread them over the loops: each family's 12 land on one loop of 3 with a
+    // chance of 3 in 3^12.
+    let out = std::process::Command::new(support::redirector())
+        .args(["status", "-o", "json", "--socket"])
+        .arg(c.node.dir().join("api.sock"))
+        .output()
+        .expect("redirector status");
+    assert!(out.status.success(), "{out:?}");
+    let status: StatusAnswer = serde_json::from_slice(&out.stdout).expect("status json");
+    let router = status.router.expect("router status");
+    assert_eq!(router.accept_loops, 3);
+    for listen in [ROUTER4, ROUTER6] {
+        let counts: Vec<u64> = router
+            .accepted
+            .iter()
+            .filter(|l| l.listen == support::addr(listen))
+            .map(|l| l.accepted)
+            .collect();
+        assert_eq!(counts.len(), 3, "{listen}: {router:?}");
+        assert_eq!(counts.iter().sum::<u64>(), 12, "{listen}: {router:?}");
+        assert!(
+            counts.iter().filter(|n| **n > 0).count() > 1,
+            "{listen}: one loop took every connection: {counts:?}"
+        );
+    }
 }

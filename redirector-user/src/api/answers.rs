@@ -72,6 +72,20 @@ pub struct RouterStatus {
     pub listen: Vec<SocketAddr>,
     pub serving: bool,
     pub connections: u64,
+    /// Listening sockets, each with its accept loop, per listen address (`router.accept_loops`);
+    /// 0 from a daemon older than the setting.
+    #[serde(default)]
+    pub accept_loops: usize,
+    /// Connections each accept loop accepted, in the order of `listen`.
+    #[serde(default)]
+    pub accepted: Vec<LoopAccepted>,
+}
+
+/// One accept loop of the router: its address and the connections it accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopAccepted {
+    pub listen: SocketAddr,
+    pub accepted: u64,
 }
 
 /// The merged state's size, and what of it came from the API.
@@ -244,7 +258,9 @@ mod tests {
             "programs": [{"hook": "connect4", "state": "adopted"}],
             "programs_identity": "abc",
             "maps": [{"map": "routes", "entries": 4, "capacity": 1024}],
-            "router": {"listen": ["127.0.0.1:15001"], "serving": true, "connections": 2},
+            "router": {"listen": ["127.0.0.1:15001"], "serving": true, "connections": 2,
+                "accept_loops": 2, "accepted": [{"listen": "127.0.0.1:15001", "accepted": 1},
+                {"listen": "127.0.0.1:15001", "accepted": 1}]},
             "counts": {"services": 1, "sandboxes": 1, "groups": 0, "routes": 4,
                 "member_pods": 1, "unresolved_member_pods": 0,
                 "from_api": {"services": 0, "sandboxes": 1, "groups": 0}},

@@ -140,11 +140,16 @@ pub fn status(answer: &StatusAnswer) -> String {
         .collect();
     out.push_str(&format!("  programs      {}\n", hooks.join(", ")));
     match &answer.router {
-        Some(router) => out.push_str(&format!(
-            "  router        serving on {} ({} connections)\n",
-            joined(&router.listen),
-            router.connections
-        )),
+        Some(router) => {
+            // 0 comes from a daemon older than the setting, which had one listener.
+            let loops = router.accept_loops.max(1);
+            out.push_str(&format!(
+                "  router        serving on {} ({} connections, {loops} accept loop{} per address)\n",
+                joined(&router.listen),
+                router.connections,
+                if loops == 1 { "" } else { "s" }
+            ))
+        }
         None => out.push_str("  router        off (no daemon.router_listen)\n"),
     }
     let c = &answer.counts;
@@ -326,6 +331,38 @@ pub fn stats(answer: &StatsAnswer) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn status_shows_the_routers_accept_loops() {
+        let answer = |router: serde_json::Value| -> StatusAnswer {
+            serde_json::from_value(json!({
+                "version": "1", "config": "/etc/r.toml", "cgroup": "/sys/fs/cgroup",
+                "bpffs": "/sys/fs/bpf/r", "api_socket": "/run/r.sock", "state_file": "/var/lib/r",
+                "programs": [], "programs_identity": "abc", "maps": [], "router": router,
+                "counts": {"services": 0, "sandboxes": 0, "groups": 0, "routes": 0,
+                    "member_pods": 0, "unresolved_member_pods": 0,
+                    "from_api": {"services": 0, "sandboxes": 0, "groups": 0}},
+            }))
+            .expect("status")
+        };
+        let text = status(&answer(
+            json!({"listen": ["10.0.0.5:15001"], "serving": true,
+            "connections": 7, "accept_loops": 3}),
+        ));
+        assert!(
+            text.contains("serving on 10.0.0.5:15001 (7 connections, 3 accept loops per address)"),
+            "{text}"
+        );
+        // A daemon older than the setting had one listener per address.
+        let text = status(&answer(
+            json!({"listen": ["10.0.0.5:15001"], "serving": true,
+            "connections": 7}),
+        ));
+        assert!(
+            text.contains("(7 connections, 1 accept loop per address)"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn stats_show_what_route_changes_reset() {

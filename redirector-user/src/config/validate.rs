@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
+    num::NonZeroUsize,
     ops::Range,
     path::PathBuf,
     time::Duration,
@@ -12,7 +13,8 @@ use std::{
 use toml::Spanned;
 
 use super::{
-    FieldError, RawGroup, RawRoute, RawRouter, RawSandbox, RawService, RouterSettings, line_col,
+    FieldError, MAX_ACCEPT_LOOPS, RawGroup, RawRoute, RawRouter, RawSandbox, RawService,
+    RouterSettings, line_col,
 };
 use crate::{
     routing_key::{self, DEFAULT_COOKIE_MAX_AGE, KeyFrom, KeySources},
@@ -540,6 +542,20 @@ impl Validator<'_> {
             settings.listen.push(parsed);
         }
 
+        if let Some(loops) = raw.accept_loops {
+            let count = usize::try_from(*loops.get_ref())
+                .ok()
+                .filter(|n| *n <= MAX_ACCEPT_LOOPS)
+                .and_then(NonZeroUsize::new);
+            match count {
+                Some(count) => settings.accept_loops = count,
+                None => self.error(
+                    loops.span(),
+                    "router.accept_loops".to_owned(),
+                    format!("must be between 1 and {MAX_ACCEPT_LOOPS}"),
+                ),
+            }
+        }
         settings.reset_bypassed = raw.reset_bypassed;
         if let Some(name) = raw.key_name {
             let valid = !name.get_ref().is_empty()

@@ -1,5 +1,5 @@
 //! Answers to the API's read-only questions, built from what the daemon holds.
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::atomic::Ordering::Relaxed};
 
 use redirector_common::{RouteKey, map_sizes};
 use serde_json::{Value, json};
@@ -9,8 +9,8 @@ use crate::{
     api::{
         answers::{
             ApiCounts, ChangeSummary, Counts, HookState, KernelCounters, KubernetesStatus,
-            MapStatus, MemberState, MemberStatus, ProgramStatus, RouteStats, RouterStatus,
-            StatsAnswer, StatusAnswer,
+            LoopAccepted, MapStatus, MemberState, MemberStatus, ProgramStatus, RouteStats,
+            RouterStatus, StatsAnswer, StatusAnswer,
         },
         server::Query,
         types::{ApiError, GroupSpec, Origin, Owned, RouteSpec, SandboxSpec, ServiceSpec},
@@ -160,10 +160,17 @@ fn status(daemon: &Daemon) -> StatusAnswer {
     let router = daemon.router.as_ref().map(|router| RouterStatus {
         listen: daemon.file.router.listen.clone(),
         serving: true,
-        connections: router
+        connections: router.stats.connections.load(Relaxed),
+        accept_loops: router.accept_loops,
+        accepted: router
             .stats
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed),
+            .accept_loops
+            .iter()
+            .map(|l| LoopAccepted {
+                listen: l.listen,
+                accepted: l.accepted.load(Relaxed),
+            })
+            .collect(),
     });
     let merged = &daemon.merged;
     StatusAnswer {

@@ -64,11 +64,18 @@ pub struct Acceptor {
     pub idle_timeout: Duration,
 }
 
-pub async fn accept_loop(listener: TcpListener, acceptor: Arc<Acceptor>) {
+/// Serves the connections of one listener; `nth` is its counter in `RouterStats::accept_loops`.
+pub async fn accept_loop(listener: TcpListener, acceptor: Arc<Acceptor>, nth: usize) {
     let shed = &acceptor.shed;
+    let stats = &acceptor.proxy.stats;
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                if let Some(counter) = stats.accept_loops.get(nth) {
+                    RouterStats::bump(&counter.accepted);
+                }
+                accepted
+            }
             Err(err) if shed::exhausted(&err) => {
                 shed.start(Why::AcceptFailed(&err));
                 // The kernel queued these before it heard: close them now so their clients
@@ -97,7 +104,6 @@ pub async fn accept_loop(listener: TcpListener, acceptor: Arc<Acceptor>) {
             // This one is served: the low water leaves it room for its upstream connections.
             shed.start(why);
         }
-        let stats = &acceptor.proxy.stats;
         RouterStats::bump(&stats.connections);
         let Some(dialed) = acceptor.orig_dst.take(canonical(peer)) else {
             // Not handed off by the kernel: the router is not an open proxy.

@@ -5,6 +5,7 @@
 //! so a router that stops or dies costs new connections nothing: they go straight to their
 //! destination (fail open). A router that runs out of descriptors withdraws its heartbeat until
 //! it has room again, for the same effect (see `shed`).
+mod bind;
 mod client_errors;
 mod idle;
 mod listener;
@@ -16,21 +17,23 @@ pub mod stats;
 pub mod table;
 mod upstream;
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockMap};
 use hyper_util::{rt::TokioTimer, server::conn::auto};
 use redirector_common::{ROUTER_SOCKET_V4, ROUTER_SOCKET_V6, RouterConfig, SockAddr};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tracing::{error, info};
 
+pub use self::bind::BindError;
 use self::{
     client_errors::ClientErrors,
     listener::{Acceptor, OrigDst, accept_loop},
     proxy::Proxy,
     quiet::QuietExecutor,
     shed::Shed,
+    stats::AcceptLoop,
     upstream::{PoolSettings, Upstreams, h2},
 };
 pub use self::{stats::RouterStats, table::RouteTable, upstream::ROUTER_MARK};
@@ -50,12 +53,8 @@ pub struct RouterMaps {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
-    #[error("cannot listen on {addr}")]
-    Listen {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("cannot write the router's address into the kernel")]
     Map(#[from] aya::maps::MapError),
 }
@@ -64,6 +63,8 @@ pub enum RouterError {
 /// once so new connections stop coming.
 pub struct Router {
     pub stats: Arc<RouterStats>,
+    /// Listening sockets, each with its accept loop, per listen address.
+    pub accept_loops: usize,
     tasks: Vec<JoinHandle<()>>,
     heartbeat: JoinHandle<Array<MapData, RouterConfig>>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -86,22 +87,33 @@ impl Router {
         } = maps;
         let mut listeners = Vec::new();
         for addr in &settings.listen {
-            let listener = bind(*addr).map_err(|source| RouterError::Listen {
-                addr: *addr,
-                source,
-            })?;
+            let group = bind::group(*addr, settings.accept_loops)?;
             let slot = if addr.is_ipv4() {
                 ROUTER_SOCKET_V4
             } else {
                 ROUTER_SOCKET_V6
             };
-            // The kernel hands over only while this socket is open: it leaves the map when
-            // the process dies, however it dies.
-            sockets.set(slot, &listener, 0)?;
-            listeners.push(listener);
+            // The kernel hands over only while the socket in this slot is open: it leaves the
+            // map when it closes. One socket stands for the whole group (the map's layout is
+            // pinned, one slot per family): the group's sockets all belong to this process,
+            // whose end closes them all at once, however it dies, and they are only ever
+            // closed together otherwise (`shutdown`). A loop ending alone (a panic) either
+            // closes this one, and the kernel fails open early, or another one, whose share
+            // the kernel gives to the rest of the group: never connections to a socket that
+            // nobody accepts on.
+            if let Some(first) = group.first() {
+                sockets.set(slot, first, 0)?;
+            }
+            listeners.extend(group.into_iter().map(|listener| (*addr, listener)));
         }
 
-        let stats = Arc::new(RouterStats::default());
+        let stats = Arc::new(RouterStats {
+            accept_loops: listeners
+                .iter()
+                .map(|(addr, _)| AcceptLoop::new(*addr))
+                .collect(),
+            ..RouterStats::default()
+        });
         let proxy = Arc::new(Proxy {
             table,
             carriers: Carriers::new(&settings.key_name, &settings.extra_key_headers),
@@ -134,7 +146,8 @@ impl Router {
         });
         let tasks = listeners
             .into_iter()
-            .map(|listener| tokio::spawn(accept_loop(listener, acceptor.clone())))
+            .enumerate()
+            .map(|(nth, (_, listener))| tokio::spawn(accept_loop(listener, acceptor.clone(), nth)))
             .collect();
 
         let mut config = RouterConfig {
@@ -152,9 +165,11 @@ impl Router {
         router_map.set(0, config, 0)?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let heartbeat = tokio::spawn(beat(router_map, config, shed, stopped));
-        info!(listen = ?settings.listen, "node router listening");
+        info!(listen = ?settings.listen, accept_loops = settings.accept_loops.get(),
+            "node router listening");
         Ok(Router {
             stats,
+            accept_loops: settings.accept_loops.get(),
             tasks,
             heartbeat,
             stop,
@@ -222,23 +237,6 @@ fn monotonic_ns() -> u64 {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
     now.unwrap_or(0)
-}
-
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // The IPv4 listener may use the same port.
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
 }
 
 /// The client side of the router. Its HTTP/2 limits mirror the upstream side's (see

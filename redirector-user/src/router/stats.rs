@@ -1,5 +1,8 @@
 //! Counters of what the router did, for logs now and metrics later.
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use super::table::BaselineWhy;
 
@@ -33,6 +36,25 @@ pub struct RouterStats {
     pub shed_episodes: AtomicU64,
     /// Connections handed over before the kernel heard of the shedding, closed unserved.
     pub connections_shed: AtomicU64,
+    /// One per accept loop, in the order of the listen addresses.
+    pub accept_loops: Vec<AcceptLoop>,
+}
+
+/// The connections one accept loop took from its listener's queue to serve or refuse: shows how
+/// evenly the kernel spreads new connections over the loops of an address.
+#[derive(Debug)]
+pub struct AcceptLoop {
+    pub listen: SocketAddr,
+    pub accepted: AtomicU64,
+}
+
+impl AcceptLoop {
+    pub fn new(listen: SocketAddr) -> AcceptLoop {
+        AcceptLoop {
+            listen,
+            accepted: AtomicU64::new(0),
+        }
+    }
 }
 
 impl RouterStats {

@@ -221,6 +221,32 @@ routes = [
     }
 }
 
+/// Listening TCP sockets on `addr` in the network namespace of process `pid`, from its
+/// `/proc/PID/net/tcp` or `tcp6` (addresses there are the kernel's words in hex, in the
+/// machine's byte order, the port in plain hex).
+pub fn listening_sockets(pid: u32, addr: &str) -> usize {
+    const LISTEN: &str = "0A";
+    let addr = super::addr(addr);
+    let (table, ip) = match addr.ip() {
+        std::net::IpAddr::V4(ip) => ("tcp", ip.octets().to_vec()),
+        std::net::IpAddr::V6(ip) => ("tcp6", ip.octets().to_vec()),
+    };
+    let words: String = ip
+        .chunks(4)
+        .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+        .collect();
+    let local = format!("{words}:{:04X}", addr.port());
+    let path = format!("/proc/{pid}/net/{table}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&LISTEN)
+        })
+        .count()
+}
+
 /// `served_by` of each response line.
 pub fn served_by(lines: &[Value]) -> Vec<String> {
     lines
