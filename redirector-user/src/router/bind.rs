@@ -1,10 +1,13 @@
 //! Binding a router address for several accept loops: a group of listening sockets that share
 //! the address through `SO_REUSEPORT`, over which the kernel spreads new connections (by a hash
 //! of their addresses and ports), so that accepting is not one task's work on one core.
-use std::{io, net::SocketAddr, num::NonZeroUsize};
+use std::{
+    io,
+    net::{SocketAddr, TcpListener},
+    num::NonZeroUsize,
+};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
 
 /// Connections each listener's queue holds before its loop accepts them.
 const BACKLOG: i32 = 1024;
@@ -27,7 +30,7 @@ pub enum BindError {
 }
 
 /// `count` listening sockets on `addr`, all in one `SO_REUSEPORT` group, once it is sure that
-/// no one else listens there.
+/// no one else listens there; non-blocking, for the runtimes of the threads that serve them.
 pub fn group(addr: SocketAddr, count: NonZeroUsize) -> Result<Vec<TcpListener>, BindError> {
     claim(addr)?;
     (0..count.get())
@@ -62,7 +65,7 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// A TCP socket for `addr` with the options the claim and the listeners share.
@@ -100,8 +103,8 @@ mod tests {
         NonZeroUsize::new(n).expect("non-zero")
     }
 
-    #[tokio::test]
-    async fn every_listener_of_the_group_shares_the_address() {
+    #[test]
+    fn every_listener_of_the_group_shares_the_address() {
         let addr = free_addr();
         let group = group(addr, loops(3)).expect("group");
         assert_eq!(group.len(), 3);
@@ -112,8 +115,8 @@ mod tests {
         TcpStream::connect(addr).expect("connect");
     }
 
-    #[tokio::test]
-    async fn a_second_group_on_the_address_is_refused() {
+    #[test]
+    fn a_second_group_on_the_address_is_refused() {
         let addr = free_addr();
         let _first = group(addr, loops(2)).expect("group");
         // Without the claim it would join the first group: the listeners allow it.
@@ -126,10 +129,10 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_plain_listener_on_the_address_is_refused() {
+    #[test]
+    fn a_plain_listener_on_the_address_is_refused() {
         let addr = free_addr();
-        let _other = std::net::TcpListener::bind(addr).expect("bind");
+        let _other = TcpListener::bind(addr).expect("bind");
         let err = group(addr, loops(1)).expect_err("in use");
         assert!(matches!(err, BindError::InUse { .. }), "{err:?}");
     }

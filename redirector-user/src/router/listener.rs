@@ -58,7 +58,8 @@ pub struct Acceptor {
     pub server: auto::Builder<QuietExecutor>,
     /// What client connections are served under (see `quiet`).
     pub quiet: Dispatch,
-    pub client_errors: ClientErrors,
+    /// Shared by the threads: its WARN lines are rate-limited for the whole router.
+    pub client_errors: Arc<ClientErrors>,
     pub shed: Arc<Shed>,
     /// A client connection without a request in flight for this long is closed (see `idle`).
     pub idle_timeout: Duration,

@@ -16,6 +16,7 @@ mod shed;
 pub mod stats;
 pub mod table;
 mod upstream;
+mod workers;
 
 use std::{sync::Arc, time::Duration};
 
@@ -29,7 +30,7 @@ use tracing::{error, info};
 pub use self::bind::BindError;
 use self::{
     client_errors::ClientErrors,
-    listener::{Acceptor, OrigDst, accept_loop},
+    listener::{Acceptor, OrigDst},
     proxy::Proxy,
     quiet::QuietExecutor,
     shed::Shed,
@@ -37,9 +38,7 @@ use self::{
     upstream::{PoolSettings, Upstreams, h2},
 };
 pub use self::{stats::RouterStats, table::RouteTable, upstream::ROUTER_MARK};
-use crate::{
-    config::RouterSettings, kernel::maps::sock_addr, metrics::Metrics, routing_key::Carriers,
-};
+use crate::{config::RouterSettings, kernel::maps::sock_addr, metrics::Metrics};
 
 /// How often the router tells the kernel it is alive; well under `ROUTER_STALE_NS`.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
@@ -57,6 +56,8 @@ pub enum RouterError {
     Bind(#[from] BindError),
     #[error("cannot write the router's address into the kernel")]
     Map(#[from] aya::maps::MapError),
+    #[error(transparent)]
+    Workers(#[from] workers::WorkerError),
 }
 
 /// A running router. Dropping it stops accepting; [`Router::shutdown`] also tells the kernel at
@@ -65,7 +66,8 @@ pub struct Router {
     pub stats: Arc<RouterStats>,
     /// Listening sockets, each with its accept loop, per listen address.
     pub accept_loops: usize,
-    tasks: Vec<JoinHandle<()>>,
+    /// One per accept loop (see `workers`).
+    threads: Vec<std::thread::JoinHandle<()>>,
     heartbeat: JoinHandle<Array<MapData, RouterConfig>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -85,7 +87,11 @@ impl Router {
             config: mut router_map,
             mut sockets,
         } = maps;
-        let mut listeners = Vec::new();
+        // Thread `i` serves the `i`th listener of every address.
+        let mut per_thread: Vec<workers::Listeners> = (0..settings.accept_loops.get())
+            .map(|_| Vec::new())
+            .collect();
+        let mut loops = Vec::new();
         for addr in &settings.listen {
             let group = bind::group(*addr, settings.accept_loops)?;
             let slot = if addr.is_ipv4() {
@@ -97,58 +103,40 @@ impl Router {
             // map when it closes. One socket stands for the whole group (the map's layout is
             // pinned, one slot per family): the group's sockets all belong to this process,
             // whose end closes them all at once, however it dies, and they are only ever
-            // closed together otherwise (`shutdown`). A loop ending alone (a panic) either
+            // closed together otherwise (`shutdown`). A thread ending alone (a panic) either
             // closes this one, and the kernel fails open early, or another one, whose share
             // the kernel gives to the rest of the group: never connections to a socket that
             // nobody accepts on.
             if let Some(first) = group.first() {
                 sockets.set(slot, first, 0)?;
             }
-            listeners.extend(group.into_iter().map(|listener| (*addr, listener)));
+            for (listener, own) in group.into_iter().zip(&mut per_thread) {
+                own.push((loops.len(), listener));
+                loops.push(AcceptLoop::new(*addr));
+            }
         }
 
         let stats = Arc::new(RouterStats {
-            accept_loops: listeners
-                .iter()
-                .map(|(addr, _)| AcceptLoop::new(*addr))
-                .collect(),
+            accept_loops: loops,
             ..RouterStats::default()
         });
-        let proxy = Arc::new(Proxy {
+        let shed = Arc::new(Shed::new(stats.clone(), metrics.clone()));
+        let shared = Arc::new(workers::Shared {
+            settings: settings.clone(),
             table,
-            carriers: Carriers::new(&settings.key_name, &settings.extra_key_headers),
-            upstreams: Upstreams::new(PoolSettings {
+            stats: stats.clone(),
+            metrics: metrics.clone(),
+            shed: shed.clone(),
+            quiet: quiet::dispatcher(),
+            client_errors: Arc::new(ClientErrors::new(metrics)),
+            pools: PoolSettings {
                 connect_timeout: settings.connect_timeout,
                 request_timeout: settings.request_timeout,
                 idle_timeout: settings.idle_timeout,
-            }),
-            upstream_header: settings.upstream_header.clone(),
-            stats: stats.clone(),
-            metrics: metrics.clone(),
+            },
         });
-        let quiet = quiet::dispatcher();
-        let shed = Arc::new(Shed::new(stats.clone(), metrics.clone()));
-        let acceptor = Arc::new(Acceptor {
-            proxy,
-            orig_dst: OrigDst::new(orig_dst),
-            server: server_builder(
-                settings,
-                QuietExecutor {
-                    dispatch: quiet.clone(),
-                },
-            ),
-            quiet,
-            client_errors: ClientErrors::new(metrics),
-            shed: shed.clone(),
-            // What HTTP/1.1 waits for a next request (hyper's header read timeout), for every
-            // protocol.
-            idle_timeout: settings.header_read_timeout,
-        });
-        let tasks = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(nth, (_, listener))| tokio::spawn(accept_loop(listener, acceptor.clone(), nth)))
-            .collect();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let threads = workers::start(per_thread, &shared, &orig_dst, &stop)?;
 
         let mut config = RouterConfig {
             mark: ROUTER_MARK,
@@ -163,14 +151,13 @@ impl Router {
         }
         config.heartbeat_ns = monotonic_ns();
         router_map.set(0, config, 0)?;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
         let heartbeat = tokio::spawn(beat(router_map, config, shed, stopped));
         info!(listen = ?settings.listen, accept_loops = settings.accept_loops.get(),
             "node router listening");
         Ok(Router {
             stats,
             accept_loops: settings.accept_loops.get(),
-            tasks,
+            threads,
             heartbeat,
             stop,
         })
@@ -179,8 +166,15 @@ impl Router {
     /// Stops accepting and tells the kernel at once, so new connections go direct again.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for task in &self.tasks {
-            task.abort();
+        let threads = self.threads;
+        // Each thread ends once its runtime has dropped its connections (closing them).
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        });
+        if let Err(err) = joined.await {
+            error!(error = %err, "router threads did not end cleanly");
         }
         match self.heartbeat.await {
             Ok(mut map) => {
