@@ -487,8 +487,12 @@ pub async fn serve(
                             request: Request::Query(Query::RefreshMetrics),
                             reply,
                         };
-                        if calls.send(refresh).await.is_ok() {
-                            let _ = done.await;
+                        // A scrape is answered even while the control loop is busy: after
+                        // REFRESH_WAIT, with the kernel counters of the last refresh.
+                        if calls.send(refresh).await.is_ok()
+                            && tokio::time::timeout(REFRESH_WAIT, done).await.is_err()
+                        {
+                            debug!("control loop busy: kernel counters from the last scrape");
                         }
                         text_response(StatusCode::OK, metrics.encode())
                     } else {
@@ -509,6 +513,9 @@ pub async fn serve(
         });
     }
 }
+
+/// How long a scrape waits for the control loop to refresh the kernel-side counters.
+const REFRESH_WAIT: Duration = Duration::from_millis(500);
 
 fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
