@@ -172,6 +172,23 @@ impl DesiredState {
         sandboxes.chain(groups).collect()
     }
 
+    /// Every member path with its routing key and whether the key injects it (sandboxes with
+    /// `inject_key`), without building the keys' routes as [`Self::routing_keys`] does: the
+    /// member poll walks this every interval, whatever the number of routes.
+    pub fn members(&self) -> impl Iterator<Item = (&str, &std::path::Path, bool)> {
+        let sandboxes = self.sandboxes.values().flat_map(|s| {
+            s.members
+                .iter()
+                .map(|m| (s.key.as_str(), m.as_path(), s.inject_key))
+        });
+        let groups = self.groups.values().flat_map(|g| {
+            g.members
+                .iter()
+                .map(|m| (g.key.as_str(), m.as_path(), false))
+        });
+        sandboxes.chain(groups)
+    }
+
     /// Checks the rules that span objects. The config file checks them too, with line numbers;
     /// this is the check for states assembled from several sources.
     pub fn validate(&self) -> Result<(), Vec<Issue>> {
@@ -336,6 +353,43 @@ impl DesiredState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_are_those_of_the_routing_keys_with_their_inject_flag() {
+        let mut state = state();
+        let pr1 = state.sandboxes.get_mut("pr-1").unwrap();
+        pr1.members = vec!["/run/netns/a".into()];
+        pr1.inject_key = true;
+        state.sandboxes.get_mut("pr-2").unwrap().members = vec!["/run/netns/b".into()];
+        state.groups.insert(
+            "g".into(),
+            Group {
+                key: "g".into(),
+                sandboxes: vec!["pr-1".into(), "pr-2".into()],
+                members: vec!["/run/netns/c".into()],
+            },
+        );
+        let members: Vec<(&str, &std::path::Path, bool)> = state.members().collect();
+        let from_keys: Vec<(String, PathBuf, bool)> = state
+            .routing_keys()
+            .into_iter()
+            .flat_map(|k| {
+                k.members
+                    .into_iter()
+                    .map(move |m| (k.key.clone(), m, k.inject_key))
+            })
+            .collect();
+        assert_eq!(
+            members
+                .iter()
+                .map(|(k, m, i)| ((*k).to_owned(), m.to_path_buf(), *i))
+                .collect::<Vec<_>>(),
+            from_keys
+        );
+        assert_eq!(members.len(), 3);
+        assert!(members.contains(&("pr-1", std::path::Path::new("/run/netns/a"), true)));
+        assert!(members.contains(&("g", std::path::Path::new("/run/netns/c"), false)));
+    }
 
     fn state() -> DesiredState {
         let mut state = DesiredState::default();

@@ -237,10 +237,10 @@ fn kubernetes(daemon: &Daemon) -> Option<KubernetesStatus> {
 fn members(daemon: &Daemon) -> Vec<MemberStatus> {
     let in_kernel = daemon.sync.kernel.maps.read_members().unwrap_or_default();
     let ids = daemon.sync.ids.as_ref();
-    let keys = daemon.merged.routing_keys();
-    keys.iter()
-        .flat_map(|s| s.members.iter().map(|p| (s.key.as_str(), p.as_path())))
-        .map(|(sandbox, path)| {
+    daemon
+        .merged
+        .members()
+        .map(|(sandbox, path, _)| {
             let sandbox_id = ids.and_then(|ids| ids.sandbox_id(sandbox));
             let now = match daemon.sync.found.get(path) {
                 Some(Ok(member)) => Ok(member.cookie),

@@ -202,10 +202,9 @@ impl Sync {
     /// that did not resolve are left out (their pods are gone or not there yet), so their old
     /// cookies leave the kernel; what was found for paths `desired` no longer has is dropped.
     fn members_of(&mut self, desired: &DesiredState) -> (MemberCookies, MemberAddresses) {
-        let keys = desired.routing_keys();
-        let owners: HashMap<&Path, &str> = keys
-            .iter()
-            .flat_map(|s| s.members.iter().map(|p| (p.as_path(), s.key.as_str())))
+        let owners: HashMap<&Path, &str> = desired
+            .members()
+            .map(|(key, path, _)| (path, key))
             .collect();
         self.found
             .retain(|path, _| owners.contains_key(path.as_path()));
@@ -264,13 +263,14 @@ pub type Found = Vec<(PathBuf, Result<netns::Member, netns::NetnsError>)>;
 /// Every member path of `desired`, with whether its addresses are wanted (members of
 /// sandboxes with `inject_key`): what a poll resolves.
 pub fn member_paths(desired: &DesiredState) -> Vec<(PathBuf, bool)> {
-    let mut paths: HashMap<PathBuf, bool> = HashMap::new();
-    for key in desired.routing_keys() {
-        for path in &key.members {
-            *paths.entry(path.clone()).or_default() |= key.inject_key;
-        }
+    let mut paths: HashMap<&Path, bool> = HashMap::new();
+    for (_, path, inject_key) in desired.members() {
+        *paths.entry(path).or_default() |= inject_key;
     }
-    paths.into_iter().collect()
+    paths
+        .into_iter()
+        .map(|(path, addresses)| (path.to_owned(), addresses))
+        .collect()
 }
 
 /// Resolves `paths` (see [`netns::resolve_with_addresses`]); blocking, so the control loop runs
