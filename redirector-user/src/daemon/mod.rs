@@ -237,7 +237,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         count_fast_path: opts.count_fast_path,
         handoff: !file.router.listen.is_empty(),
     };
-    let (mut kernel, report) = programs::start(&placement.cgroup, &placement.bpffs, load)
+    let (mut kernel, resets, report) = programs::start(&placement.cgroup, &placement.bpffs, load)
         .context("starting the kernel programs")?;
     info!(
         cgroup = %placement.cgroup.display(),
@@ -283,7 +283,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         v4: router.is_some() && file.router.listen.iter().any(SocketAddr::is_ipv4),
         v6: router.is_some() && file.router.listen.iter().any(SocketAddr::is_ipv6),
     };
-    let mut sync = Sync::new(kernel, table, handoff);
+    let mut sync = Sync::new(kernel, resets, table, handoff);
     let applied = sync.apply(&merged).context("applying the desired state")?;
     if router.is_some() && file.router.reset_bypassed {
         sync.reset_bypassed(&merged, &placement.cgroup);

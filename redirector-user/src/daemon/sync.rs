@@ -18,7 +18,7 @@ use crate::{
     kernel::{
         maps::{Handoff, Ids, KernelState, MemberCookies, SyncError, encode},
         netns,
-        programs::Kernel,
+        programs::{self, Kernel},
     },
     router::{RouteTable, table::MemberAddresses},
     state::DesiredState,
@@ -59,8 +59,13 @@ pub struct Applied {
 }
 
 impl Sync {
-    pub fn new(mut kernel: Kernel, table: Arc<ArcSwap<RouteTable>>, handoff: Handoff) -> Sync {
-        let resets = ResetWorker::start(kernel.take_resetter());
+    pub fn new(
+        kernel: Kernel,
+        resets: programs::Resets,
+        table: Arc<ArcSwap<RouteTable>>,
+        handoff: Handoff,
+    ) -> Sync {
+        let resets = ResetWorker::start(resets);
         Sync {
             kernel,
             table,

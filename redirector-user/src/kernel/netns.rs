@@ -63,7 +63,15 @@ const NSFS_MAGIC: i64 = 0x6e73_6673;
 /// The cookie of the network namespace at `path`, the value `bpf_get_netns_cookie` returns
 /// for its sockets.
 pub fn cookie(path: &Path) -> Result<u64, NetnsError> {
-    resolve_all([path]).pop().map_or_else(
+    only_answer(path, resolve_all([path]))
+}
+
+/// The one result of a batch of one `path`.
+fn only_answer<T>(
+    path: &Path,
+    mut batch: Vec<(PathBuf, Result<T, NetnsError>)>,
+) -> Result<T, NetnsError> {
+    batch.pop().map_or_else(
         || {
             Err(NetnsError::Cookie {
                 path: path.to_owned(),
@@ -125,17 +133,10 @@ pub fn resolve_with_addresses<'a>(
 /// a short-lived thread that enters it.
 pub fn addresses(path: &Path) -> Result<Vec<std::net::IpAddr>, NetnsError> {
     let cookie_error = |path, source| NetnsError::Cookie { path, source };
-    run_in_each(&[path.to_owned()], cookie_error, |_, _| local_addresses())
-        .pop()
-        .map_or_else(
-            || {
-                Err(NetnsError::Cookie {
-                    path: path.to_owned(),
-                    source: io::Error::other("no answer from the namespace worker"),
-                })
-            },
-            |(_, result)| result,
-        )
+    only_answer(
+        path,
+        run_in_each(&[path.to_owned()], cookie_error, |_, _| local_addresses()),
+    )
 }
 
 /// Runs `work` inside the network namespace at each of `paths` in turn, on one worker thread
@@ -249,7 +250,7 @@ fn local_addresses() -> io::Result<Vec<IpAddr>> {
 /// rest; later calls fail the path at once until the stuck open returns. Paths opened by
 /// another thread name the same namespaces: only `/proc/thread-self` differs, and every thread
 /// here is in the daemon's own namespaces.
-pub fn open_all(paths: &[PathBuf]) -> Vec<Result<File, NetnsError>> {
+fn open_all(paths: &[PathBuf]) -> Vec<Result<File, NetnsError>> {
     use std::sync::mpsc;
     let mut results: Vec<Option<Result<File, NetnsError>>> = paths.iter().map(|_| None).collect();
     let mut todo: Vec<usize> = Vec::with_capacity(paths.len());

@@ -165,32 +165,24 @@ pub struct Kernel {
     pub router: Option<Array<MapData, RouterConfig>>,
     /// The router's listening sockets; taken by the router.
     pub router_sockets: Option<SockMap<MapData>>,
-    /// The reset iterator (`reset_on_change`), which holds the object, or why this kernel
-    /// cannot reset sockets; taken by whoever runs resets.
-    resetter: Option<Result<Resetter, reset::Unavailable>>,
-    /// The object, when no resetter holds it.
+    /// The object, when no reset iterator holds it (see [`start`]).
     _ebpf: Option<Ebpf>,
 }
 
-impl Kernel {
-    /// The reset iterator, or why this kernel cannot reset sockets (said at start). The first
-    /// call takes it; later ones say it was taken.
-    pub fn take_resetter(&mut self) -> Result<Resetter, reset::Unavailable> {
-        self.resetter
-            .take()
-            .unwrap_or_else(|| Err(reset::Unavailable::Taken))
-    }
-}
+/// The reset iterator (`reset_on_change`), which holds the object, or why this kernel cannot
+/// reset sockets.
+pub type Resets = Result<Resetter, reset::Unavailable>;
 
 /// Loads (or adopts) the programs and maps under `pin_dir` and makes sure every hook is
-/// attached to `cgroup` exactly once.
+/// attached to `cgroup` exactly once. Returns the reset iterator apart, for the thread that
+/// runs resets.
 ///
 /// Needs Linux 5.7+ (`bpf_link` for cgroup hooks, `bpf_get_netns_cookie`).
 pub fn start(
     cgroup: &Path,
     pin_dir: &Path,
     options: LoadOptions,
-) -> Result<(Kernel, AttachReport), LoadError> {
+) -> Result<(Kernel, Resets, AttachReport), LoadError> {
     fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir {
         path: pin_dir.to_owned(),
         source,
@@ -303,9 +295,9 @@ pub fn start(
             orig_dst: Some(orig_dst),
             router: Some(router),
             router_sockets: Some(router_sockets),
-            resetter: Some(resetter),
             _ebpf: ebpf,
         },
+        resetter,
         report,
     ))
 }

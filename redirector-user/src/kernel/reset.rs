@@ -27,8 +27,6 @@ pub enum Unavailable {
     Kernel(#[from] super::kfunc::KfuncError),
     #[error("the reset iterator was refused: {0}")]
     Program(String),
-    #[error("the reset iterator is in use elsewhere (a bug)")]
-    Taken,
 }
 
 #[derive(Debug, thiserror::Error)]
