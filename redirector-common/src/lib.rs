@@ -26,10 +26,11 @@ pub mod map_names {
     pub const ROUTER_SOCKETS: &str = "RDR_RSOCKS_v2";
     pub const ROUTE_STATS: &str = "RDR_RTSTAT_v2";
     pub const SOCK_STATE: &str = "RDR_SKSTATE_v2";
+    pub const TABLE_STATS: &str = "RDR_TBLSTAT_v2";
     /// Not pinned: the reset requests of one run of the socket iterator (`reset_on_change`).
     pub const RESETS: &str = "RDR_RESETS_v2";
 
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         MEMBERS,
         ROUTES,
@@ -41,6 +42,7 @@ pub mod map_names {
         ROUTER_SOCKETS,
         ROUTE_STATS,
         SOCK_STATE,
+        TABLE_STATS,
     ];
 
     // A name without the version suffix would let a daemon of another layout open the map; one
@@ -302,7 +304,8 @@ pub mod stats {
     pub const STEERED: u32 = 2;
     /// `getpeername`/`recvmsg` gave the application back the service address.
     pub const REVERSE_HIT: u32 = 3;
-    /// The reverse entry could not be recorded (should never happen: the map is LRU).
+    /// The reverse translation could not be recorded (no socket storage, or no reverse entry):
+    /// the socket is still steered, but `getpeername`/`recvmsg` show the fork.
     pub const REVNAT_UPDATE_FAILED: u32 = 4;
     /// Connection to an HTTP service handed to the node router.
     pub const HANDOFF: u32 = 5;
@@ -322,6 +325,20 @@ pub mod stats {
         "router_down",
         "router_own",
     ];
+}
+
+/// Slots of the per-CPU `RDR_TBLSTAT` array: what the programs did to the two LRU tables, from
+/// which the daemon derives their evictions (the kernel counts none). A map apart from
+/// `RDR_STATS`, whose size a pinned map of an older build fixes.
+pub mod table_stats {
+    /// A hand-off record written to `RDR_ORIGDST`.
+    pub const HANDOFF_RECORDED: u32 = 0;
+    /// A hand-off record that could not be written: the router will close that connection.
+    pub const HANDOFF_RECORD_FAILED: u32 = 1;
+    /// A new entry in `RDR_REVNAT` (not a refresh of one the socket had).
+    pub const REVERSE_CREATED: u32 = 2;
+
+    pub const COUNT: u32 = 3;
 }
 
 // Layouts are part of the kernel ABI between program and daemon: fail the build if they drift.

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use redirector_common::{
     EndpointKey, MemberValue, ResetRequest, RevNatKey, RouteKey, RouteValue, RouterConfig,
-    ServiceKey, ServiceValue, SockAddr, SockState, map_sizes, stats,
+    ServiceKey, ServiceValue, SockAddr, SockState, map_sizes, stats, table_stats,
 };
 
 /// Destinations that have at least one fork. A miss here is the fast path.
@@ -67,6 +67,11 @@ pub(crate) static RESETS: HashMap<ServiceKey, ResetRequest> =
 #[map(name = "RDR_STATS_v2")]
 pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
+/// Per-CPU counters of the LRU tables' writes, one slot per `redirector_common::table_stats`
+/// constant.
+#[map(name = "RDR_TBLSTAT_v2")]
+pub(crate) static TABLE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(table_stats::COUNT, 0);
+
 /// Connections steered per route, per CPU (metrics). Only the steering path touches it.
 /// Allocated on use (`BPF_F_NO_PREALLOC`): a preallocated per-CPU map of the route capacity
 /// would take about 1 MiB per CPU whether routes exist or not. The daemon removes the counters
@@ -75,14 +80,15 @@ pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0)
 pub(crate) static ROUTE_STATS: PerCpuHashMap<RouteKey, u64> =
     PerCpuHashMap::pinned(map_sizes::ROUTE_STATS, BPF_F_NO_PREALLOC);
 
-/// BPF_NOEXIST: create only; another CPU may have created the slot meanwhile, which is fine.
-const BPF_NOEXIST: u64 = 1;
+/// BPF_NOEXIST: create only.
+pub(crate) const BPF_NOEXIST: u64 = 1;
 
 #[inline(always)]
 pub(crate) fn count_route(route: &RouteKey) {
     match ROUTE_STATS.get_ptr_mut(route) {
         // SAFETY: this CPU's slot, touched by one program at a time.
         Some(counter) => unsafe { *counter += 1 },
+        // Another CPU may have created the slot meanwhile, which is fine.
         None => {
             let _ = ROUTE_STATS.insert(route, &1, BPF_NOEXIST);
         }
@@ -91,7 +97,17 @@ pub(crate) fn count_route(route: &RouteKey) {
 
 #[inline(always)]
 pub(crate) fn count(slot: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(slot) {
+    bump(&STATS, slot);
+}
+
+#[inline(always)]
+pub(crate) fn count_table(slot: u32) {
+    bump(&TABLE_STATS, slot);
+}
+
+#[inline(always)]
+fn bump(counters: &PerCpuArray<u64>, slot: u32) {
+    if let Some(counter) = counters.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot is only touched by programs running on this CPU, one at a time.
         unsafe { *counter += 1 };
     }

@@ -7,10 +7,10 @@ use aya_ebpf::{
     bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, cty::c_void, helpers::bpf_sk_storage_get,
     macros::sock_ops, programs::SockOpsContext,
 };
-use redirector_common::{FAMILY_V4, SockAddr, SockState};
+use redirector_common::{FAMILY_V4, SockAddr, SockState, table_stats};
 
 use crate::{
-    maps::{ORIG_DST, ROUTER, SOCK_STATE},
+    maps::{ORIG_DST, ROUTER, SOCK_STATE, count_table},
     xlate,
 };
 
@@ -90,5 +90,10 @@ fn record_client(ctx: &SockOpsContext) {
     if state.fork != remote {
         return;
     }
-    let _ = ORIG_DST.insert(&local, &state.dialed, 0);
+    // Counted either way: the daemon derives the table's evictions from what was written, what
+    // the router took and what is left.
+    match ORIG_DST.insert(&local, &state.dialed, 0) {
+        Ok(()) => count_table(table_stats::HANDOFF_RECORDED),
+        Err(_) => count_table(table_stats::HANDOFF_RECORD_FAILED),
+    }
 }

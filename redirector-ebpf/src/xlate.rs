@@ -14,14 +14,14 @@ use aya_ebpf::{
 use redirector_common::{
     EndpointKey, FAMILY_V4, FAMILY_V6, MEMBER_INJECT_KEY, ROUTER_SOCKET_V4, ROUTER_SOCKET_V6,
     ROUTER_STALE_NS, RevNatKey, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF, SOCK_STATE_REVNAT,
-    ServiceKey, SockAddr, endpoint_index, stats,
+    ServiceKey, SockAddr, endpoint_index, stats, table_stats,
 };
 
 use crate::{
     ctx,
     maps::{
-        ENDPOINTS, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES, SOCK_STATE, count,
-        count_route,
+        BPF_NOEXIST, ENDPOINTS, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES,
+        SOCK_STATE, count, count_route, count_table,
     },
 };
 
@@ -182,6 +182,23 @@ fn remember(ctx: &SockAddrContext, dialed: &SockAddr, target: SockAddr, hook: Fo
         fork: target,
         _pad: 0,
     };
+    // A socket sends many datagrams to one service: the entry it made with the first is only
+    // looked up (which also marks it recently used), not written again.
+    if let Some(known) = REVNAT.get_ptr(&rev) {
+        // SAFETY: a value pointer from the lookup, read at once.
+        if unsafe { *known } == *dialed {
+            return true;
+        }
+        // The same fork endpoint behind another service: replaced whole, never torn.
+        return REVNAT.insert(&rev, dialed, 0).is_ok();
+    }
+    // Creations are counted: entries leave this map only by eviction, so the daemon derives
+    // the evictions from the count and what is left.
+    if REVNAT.insert(&rev, dialed, BPF_NOEXIST).is_ok() {
+        count_table(table_stats::REVERSE_CREATED);
+        return true;
+    }
+    // Another thread of the process created it meanwhile.
     REVNAT.insert(&rev, dialed, 0).is_ok()
 }
 

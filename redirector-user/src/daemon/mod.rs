@@ -16,7 +16,7 @@ mod watch;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -42,7 +42,8 @@ use crate::{
     kernel::{
         maps::{Handoff, SyncError},
         prereq,
-        programs::{self, AttachReport},
+        programs::{self, AttachReport, Kernel},
+        tables::{self, Accounting},
     },
     metrics::{self, Metrics},
     router::{RouteTable, Router, RouterMaps},
@@ -193,6 +194,8 @@ struct Daemon {
     /// How the programs were loaded (which hooks this daemon needs).
     load: programs::LoadOptions,
     router: Option<Router>,
+    /// Counts the kernel's LRU tables (their evictions are derived, not counted by the kernel).
+    tables: Option<Accounting>,
     metrics: Arc<Metrics>,
 }
 
@@ -279,6 +282,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::from_state(&merged)));
     let router = start_router(&file, &mut kernel, table.clone(), metrics.clone()).await?;
+    let tables = start_table_accounting(&mut kernel, router.as_ref());
     let handoff = Handoff {
         v4: router.is_some() && file.router.listen.iter().any(SocketAddr::is_ipv4),
         v6: router.is_some() && file.router.listen.iter().any(SocketAddr::is_ipv6),
@@ -321,6 +325,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         report,
         load,
         router,
+        tables,
         metrics,
     };
     let result = daemon.serve(&mut calls).await;
@@ -372,6 +377,25 @@ fn load_api_state(state_file: &Path, file: &DesiredState) -> DesiredState {
                 "objects created through the API no longer fit the config file; \
                  starting without them (the state file is kept)");
             DesiredState::default()
+        }
+    }
+}
+
+/// Starts counting the LRU tables; without it only the derived eviction counters are missing.
+fn start_table_accounting(kernel: &mut Kernel, router: Option<&Router>) -> Option<Accounting> {
+    let tables = kernel.tables.take()?;
+    let taken: Box<dyn Fn() -> u64 + Send> = match router {
+        Some(router) => {
+            let stats = router.stats.clone();
+            Box::new(move || stats.handoff_records_taken.load(Ordering::Relaxed))
+        }
+        None => Box::new(|| 0),
+    };
+    match Accounting::start(tables, taken, tables::INTERVAL) {
+        Ok(accounting) => Some(accounting),
+        Err(err) => {
+            warn!(error = %err, "cannot start counting the kernel's LRU tables");
+            None
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::{
     kernel::{
         maps::{KernelState, service_key},
         programs::{self, HOOKS},
+        tables::TableCounts,
     },
     state::DesiredState,
 };
@@ -187,7 +188,23 @@ fn status(daemon: &Daemon) -> StatusAnswer {
             map("routes", |s| s.routes.len(), map_sizes::ROUTES),
             map("members", |s| s.members.len(), map_sizes::MEMBERS),
             map("endpoints", |s| s.endpoints.len(), map_sizes::ENDPOINTS),
-        ],
+        ]
+        .into_iter()
+        .chain(table_counts(daemon).map_or_else(Vec::new, |tables| {
+            vec![
+                MapStatus {
+                    map: "handoff_records".to_owned(),
+                    entries: tables.handoff_records as usize,
+                    capacity: map_sizes::ORIG_DST,
+                },
+                MapStatus {
+                    map: "reverse_entries".to_owned(),
+                    entries: tables.reverse_entries as usize,
+                    capacity: map_sizes::REVNAT,
+                },
+            ]
+        }))
+        .collect(),
         router,
         counts: Counts {
             services: merged.services.len(),
@@ -300,11 +317,13 @@ fn route_names(daemon: &Daemon) -> HashMap<RouteKey, (String, String)> {
 }
 
 fn stats(daemon: &Daemon) -> StatsAnswer {
+    let tables = table_counts(daemon);
     let kernel = match daemon.sync.kernel.maps.counters() {
         Ok(counters) => KernelCounters::Counters(
             counters
-                .iter()
-                .map(|(name, value)| ((*name).to_owned(), *value))
+                .into_iter()
+                .chain(tables.iter().flat_map(TableCounts::counters))
+                .map(|(name, value)| (name.to_owned(), value))
                 .collect(),
         ),
         Err(err) => KernelCounters::Error {
@@ -358,10 +377,29 @@ fn refresh_metrics(daemon: &Daemon) {
             metrics.route_steered(sandbox, service, steered);
         }
     }
+    if let Some(tables) = table_counts(daemon) {
+        for (name, value) in tables.counters() {
+            metrics.kernel_event(name, value);
+        }
+        metrics.map(
+            "handoff_records",
+            tables.handoff_records as usize,
+            map_sizes::ORIG_DST,
+        );
+        metrics.map(
+            "reverse_entries",
+            tables.reverse_entries as usize,
+            map_sizes::REVNAT,
+        );
+    }
     if let Some(written) = &daemon.sync.written {
         metrics.map("services", written.services.len(), map_sizes::SERVICES);
         metrics.map("routes", written.routes.len(), map_sizes::ROUTES);
         metrics.map("members", written.members.len(), map_sizes::MEMBERS);
         metrics.map("endpoints", written.endpoints.len(), map_sizes::ENDPOINTS);
     }
+}
+
+fn table_counts(daemon: &Daemon) -> Option<TableCounts> {
+    daemon.tables.as_ref()?.counts()
 }

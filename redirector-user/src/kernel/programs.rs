@@ -40,6 +40,7 @@ use super::{
     kfunc,
     maps::Maps,
     reset::{self, Resetter},
+    tables::Tables,
 };
 
 /// The hooks, by program name (the function names in redirector-ebpf).
@@ -87,6 +88,12 @@ pub enum LoadError {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("cannot open a second handle on map {name}")]
+    Handle {
+        name: &'static str,
+        #[source]
+        source: io::Error,
     },
     #[error("program {name}")]
     Program {
@@ -161,6 +168,8 @@ pub struct Kernel {
     /// The router's side of the hand-off: where each accepted connection was going. Taken by
     /// the router when there is one.
     pub orig_dst: Option<BpfHashMap<MapData, SockAddr, SockAddr>>,
+    /// The LRU tables, for counting their evictions; taken by the daemon.
+    pub tables: Option<Tables>,
     /// Where the router listens and its heartbeat; taken by the router.
     pub router: Option<Array<MapData, RouterConfig>>,
     /// The router's listening sockets; taken by the router.
@@ -216,6 +225,15 @@ pub fn start(
     let mut ebpf = loader.load(object)?;
     let maps = take_maps(&mut ebpf)?;
     let orig_dst = take(&mut ebpf, map_names::ORIG_DST)?;
+    let tables = Tables::new(
+        &orig_dst,
+        take(&mut ebpf, map_names::REVNAT)?,
+        take(&mut ebpf, map_names::TABLE_STATS)?,
+    )
+    .map_err(|source| LoadError::Handle {
+        name: map_names::ORIG_DST,
+        source,
+    })?;
     let router = take(&mut ebpf, map_names::ROUTER)?;
     let router_sockets = take(&mut ebpf, map_names::ROUTER_SOCKETS)?;
     let cgroup_file = File::open(cgroup).map_err(|source| LoadError::Cgroup {
@@ -293,6 +311,7 @@ pub fn start(
         Kernel {
             maps,
             orig_dst: Some(orig_dst),
+            tables: Some(tables),
             router: Some(router),
             router_sockets: Some(router_sockets),
             _ebpf: ebpf,

@@ -30,12 +30,14 @@ use crate::kernel::maps::{sock_addr, socket_addr};
 /// The kernel's hand-off records: client address -> original destination.
 pub struct OrigDst {
     map: Mutex<BpfHashMap<MapData, SockAddr, SockAddr>>,
+    stats: Arc<RouterStats>,
 }
 
 impl OrigDst {
-    pub fn new(map: BpfHashMap<MapData, SockAddr, SockAddr>) -> OrigDst {
+    pub fn new(map: BpfHashMap<MapData, SockAddr, SockAddr>, stats: Arc<RouterStats>) -> OrigDst {
         OrigDst {
             map: Mutex::new(map),
+            stats,
         }
     }
 
@@ -45,7 +47,11 @@ impl OrigDst {
         let key = sock_addr(client);
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let dialed = map.get(&key, 0).ok()?;
-        let _ = map.remove(&key);
+        // Counted only when this take removed it: the table's evictions are derived from it
+        // (see `kernel::tables`).
+        if map.remove(&key).is_ok() {
+            RouterStats::bump(&self.stats.handoff_records_taken);
+        }
         socket_addr(&dialed)
     }
 }

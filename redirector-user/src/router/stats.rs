@@ -9,8 +9,12 @@ use super::table::BaselineWhy;
 #[derive(Debug, Default)]
 pub struct RouterStats {
     pub connections: AtomicU64,
-    /// Connections without a hand-off record (someone dialed the router directly): closed.
+    /// Connections without a hand-off record, closed: someone dialed the router directly, or
+    /// the record was lost (`handoff_records_evicted`, `handoff_record_failed` in the kernel
+    /// counters).
     pub connections_refused: AtomicU64,
+    /// Hand-off records read and removed from the kernel's table (served or shed connections).
+    pub handoff_records_taken: AtomicU64,
     pub to_fork: AtomicU64,
     pub baseline_no_key: AtomicU64,
     pub baseline_invalid_key: AtomicU64,
@@ -77,6 +81,7 @@ impl RouterStats {
         [
             ("connections", &self.connections),
             ("connections_refused", &self.connections_refused),
+            ("handoff_records_taken", &self.handoff_records_taken),
             ("to_fork", &self.to_fork),
             ("baseline_no_key", &self.baseline_no_key),
             ("baseline_invalid_key", &self.baseline_invalid_key),

@@ -9,12 +9,11 @@
 use std::{
     io,
     net::TcpListener as StdListener,
-    os::fd::AsFd as _,
     sync::{Arc, mpsc},
     thread::JoinHandle,
 };
 
-use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use redirector_common::SockAddr;
 use tokio::{net::TcpListener, sync::watch};
 
@@ -22,7 +21,9 @@ use super::{
     Acceptor, ClientErrors, OrigDst, Proxy, QuietExecutor, Shed, Upstreams, listener::accept_loop,
     server_builder,
 };
-use crate::{config::RouterSettings, metrics::Metrics, routing_key::Carriers};
+use crate::{
+    config::RouterSettings, kernel::tables::reopen_handoff, metrics::Metrics, routing_key::Carriers,
+};
 
 /// What every thread's proxy shares.
 pub struct Shared {
@@ -63,7 +64,7 @@ pub fn start(
     let mut threads = Vec::new();
     for (nth, own) in listeners.into_iter().enumerate() {
         let start_error = |source| WorkerError::Start { nth, source };
-        let orig_dst = reopen(orig_dst).map_err(start_error)?;
+        let orig_dst = reopen_handoff(orig_dst).map_err(start_error)?;
         let shared = shared.clone();
         let stopped = stop.subscribe();
         let (ready, serving) = mpsc::channel();
@@ -139,7 +140,7 @@ fn acceptor(shared: &Shared, orig_dst: BpfHashMap<MapData, SockAddr, SockAddr>) 
     });
     Acceptor {
         proxy,
-        orig_dst: OrigDst::new(orig_dst),
+        orig_dst: OrigDst::new(orig_dst, shared.stats.clone()),
         server: server_builder(
             settings,
             QuietExecutor {
@@ -153,14 +154,4 @@ fn acceptor(shared: &Shared, orig_dst: BpfHashMap<MapData, SockAddr, SockAddr>) 
         // protocol.
         idle_timeout: settings.header_read_timeout,
     }
-}
-
-/// Another handle on the same kernel map, for another thread.
-fn reopen(
-    map: &BpfHashMap<MapData, SockAddr, SockAddr>,
-) -> io::Result<BpfHashMap<MapData, SockAddr, SockAddr>> {
-    let fd = map.map().fd().as_fd().try_clone_to_owned()?;
-    let data = MapData::from_fd(fd).map_err(io::Error::other)?;
-    // RDR_ORIGDST is an LRU hash map (see redirector-ebpf's maps).
-    BpfHashMap::try_from(Map::LruHashMap(data)).map_err(io::Error::other)
 }
