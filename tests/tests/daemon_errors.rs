@@ -293,3 +293,60 @@ impl Drop for UnmountOnDrop {
         let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }
+
+/// A `stats` call walks the route counters (one entry per route that steered, up to the
+/// capacity): the walk runs off the control loop, so a call sent meanwhile is answered first.
+#[test]
+fn a_long_stats_walk_does_not_hold_up_other_calls() {
+    use aya::maps::{Map, MapData, PerCpuHashMap, PerCpuValues};
+    use redirector_common::{RouteKey, map_names, map_sizes};
+
+    let Some(mut c) = Cluster::new("err-walk") else {
+        return;
+    };
+    c.start(&[]);
+    // Counters of routes that do not exist (the next apply would remove them), as many as the
+    // map holds: the longest walk a node can ask of `stats`.
+    let pin = c.pin_dir().join(map_names::ROUTE_STATS);
+    let data = MapData::from_pin(&pin).expect("route counters pinned");
+    let mut counters: PerCpuHashMap<MapData, RouteKey, u64> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).expect("a per-CPU hash map");
+    let cpus = aya::util::nr_cpus().expect("possible CPUs");
+    for n in 0..map_sizes::ROUTE_STATS {
+        let key = RouteKey {
+            service_id: u32::MAX - n,
+            sandbox_id: u32::MAX,
+        };
+        let values = PerCpuValues::try_from(vec![1u64; cpus]).expect("values");
+        counters.insert(key, values, 0).expect("insert");
+    }
+
+    let started = Instant::now();
+    let stats = std::thread::spawn({
+        let socket = c.api_socket();
+        move || {
+            let out = std::process::Command::new(support::redirector())
+                .args(["stats", "-o", "json", "--socket"])
+                .arg(&socket)
+                .output()
+                .expect("run redirector stats");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            started.elapsed()
+        }
+    });
+    // Sent once the stats call is surely with the daemon.
+    std::thread::sleep(Duration::from_millis(100));
+    let (code, _, stderr) = cli(&c, &["sandbox", "list"]);
+    assert_eq!(code, 0, "{stderr}");
+    let listed = started.elapsed();
+    let walked = stats.join().expect("stats thread");
+    // On the loop, the list would wait for the whole walk and end with it.
+    assert!(
+        listed * 2 < walked,
+        "the list ({listed:?}) was answered well before the stats walk ended ({walked:?})"
+    );
+}

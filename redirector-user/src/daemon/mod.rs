@@ -465,13 +465,30 @@ impl Daemon {
                         warn!(error = %crate::error_chain(&err), "following member namespaces failed");
                     }
                 }
-                Some(call) = calls.recv() => {
-                    let answer = self.answer(call.request);
-                    let _ = call.reply.send(answer);
-                }
+                Some(call) = calls.recv() => self.call(call),
                 Some(()) = kube_changed(&mut kube_updates) => self.kube_changed(),
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
+            }
+        }
+    }
+
+    /// Answers one API call: at once, or, when the answer needs a walk of the kernel's
+    /// counters, from the blocking pool while the loop goes on.
+    fn call(&mut self, call: Call) {
+        let deferred = match &call.request {
+            Request::Query(query) => status::off_loop(self, query),
+            Request::Mutate(_) => None,
+        };
+        match deferred {
+            Some(work) => {
+                tokio::task::spawn_blocking(move || {
+                    let _ = call.reply.send(work());
+                });
+            }
+            None => {
+                let answer = self.answer(call.request);
+                let _ = call.reply.send(answer);
             }
         }
     }
@@ -640,7 +657,7 @@ impl Daemon {
             info!(counters = ?router.stats.snapshot(), "node router counters");
             router.shutdown().await;
         }
-        match self.sync.kernel.maps.counters() {
+        match self.sync.kernel.counters.counters() {
             Ok(counters) => info!(?counters, "kernel counters (all CPUs, since load)"),
             Err(err) => warn!(error = %crate::error_chain(&err), "cannot read kernel counters"),
         }

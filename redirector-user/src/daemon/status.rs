@@ -1,5 +1,8 @@
 //! Answers to the API's read-only questions, built from what the daemon holds.
-use std::{collections::HashMap, sync::atomic::Ordering::Relaxed};
+use std::{
+    collections::HashMap,
+    sync::{Mutex, atomic::Ordering::Relaxed},
+};
 
 use redirector_common::{RouteKey, map_sizes};
 use serde_json::{Value, json};
@@ -29,12 +32,10 @@ pub(super) fn query(daemon: &Daemon, query: Query) -> Result<Value, ApiError> {
     let file = &daemon.file.state;
     let value = match query {
         Query::Status => to_json(status(daemon)),
-        Query::Stats => to_json(stats(daemon)),
+        // Normally run off the loop (see `off_loop`); here when asked inline.
+        Query::Stats => stats(daemon)()?,
+        Query::RefreshMetrics => refresh_metrics(daemon)()?,
         Query::Ping => Value::Null,
-        Query::RefreshMetrics => {
-            refresh_metrics(daemon);
-            Value::Null
-        }
         Query::Services => to_json(
             merged
                 .services
@@ -316,37 +317,24 @@ fn route_names(daemon: &Daemon) -> HashMap<RouteKey, (String, String)> {
     names
 }
 
-fn stats(daemon: &Daemon) -> StatsAnswer {
+/// What answering `stats` or refreshing the metrics reads from the kernel's counter maps (a
+/// walk of up to one entry per route), done on the blocking pool while the control loop goes
+/// on; the rest is taken from the daemon on the loop, at once.
+pub(super) type OffLoop = Box<dyn FnOnce() -> Result<Value, ApiError> + Send>;
+
+/// The work of `query` that reads counter maps, to run off the loop; None for the others.
+pub(super) fn off_loop(daemon: &Daemon, query: &Query) -> Option<OffLoop> {
+    match query {
+        Query::Stats => Some(stats(daemon)),
+        Query::RefreshMetrics => Some(refresh_metrics(daemon)),
+        _ => None,
+    }
+}
+
+fn stats(daemon: &Daemon) -> OffLoop {
+    let counters = daemon.sync.kernel.counters.clone();
     let tables = table_counts(daemon);
-    let kernel = match daemon.sync.kernel.maps.counters() {
-        Ok(counters) => KernelCounters::Counters(
-            counters
-                .into_iter()
-                .chain(tables.iter().flat_map(TableCounts::counters))
-                .map(|(name, value)| (name.to_owned(), value))
-                .collect(),
-        ),
-        Err(err) => KernelCounters::Error {
-            error: crate::error_chain(&err),
-        },
-    };
     let names = route_names(daemon);
-    let routes = daemon
-        .sync
-        .kernel
-        .maps
-        .route_counters()
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(key, steered)| {
-            let (sandbox, service) = names.get(&key)?;
-            Some(RouteStats {
-                sandbox: sandbox.clone(),
-                service: service.clone(),
-                steered,
-            })
-        })
-        .collect();
     let router = daemon.router.as_ref().map(|router| {
         router
             .stats
@@ -355,32 +343,51 @@ fn stats(daemon: &Daemon) -> StatsAnswer {
             .map(|(name, value)| (name.to_owned(), value))
             .collect()
     });
-    StatsAnswer {
-        kernel,
-        routes,
-        router,
-        resets: daemon.sync.resets.recent(),
-        reset_unavailable: daemon.sync.resets.unavailable().map(str::to_owned),
-    }
+    let resets = daemon.sync.resets.recent();
+    let reset_unavailable = daemon.sync.resets.unavailable().map(str::to_owned);
+    Box::new(move || {
+        let kernel = match counters.counters() {
+            Ok(events) => KernelCounters::Counters(
+                events
+                    .into_iter()
+                    .chain(tables.iter().flat_map(TableCounts::counters))
+                    .map(|(name, value)| (name.to_owned(), value))
+                    .collect(),
+            ),
+            Err(err) => KernelCounters::Error {
+                error: crate::error_chain(&err),
+            },
+        };
+        let routes = counters
+            .route_counters()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(key, steered)| {
+                let (sandbox, service) = names.get(&key)?;
+                Some(RouteStats {
+                    sandbox: sandbox.clone(),
+                    service: service.clone(),
+                    steered,
+                })
+            })
+            .collect();
+        Ok(to_json(StatsAnswer {
+            kernel,
+            routes,
+            router,
+            resets,
+            reset_unavailable,
+        }))
+    })
 }
 
-fn refresh_metrics(daemon: &Daemon) {
-    let metrics = &daemon.metrics;
-    if let Ok(counters) = daemon.sync.kernel.maps.counters() {
-        for (name, value) in counters {
-            metrics.kernel_event(name, value);
-        }
-    }
-    let names = route_names(daemon);
-    for (key, steered) in daemon.sync.kernel.maps.route_counters().unwrap_or_default() {
-        if let Some((sandbox, service)) = names.get(&key) {
-            metrics.route_steered(sandbox, service, steered);
-        }
-    }
+/// Refreshes mirror kernel totals into counters by adding the difference, so two at once would
+/// add it twice: they take turns.
+static REFRESHING: Mutex<()> = Mutex::new(());
+
+fn refresh_metrics(daemon: &Daemon) -> OffLoop {
+    let metrics = daemon.metrics.clone();
     if let Some(tables) = table_counts(daemon) {
-        for (name, value) in tables.counters() {
-            metrics.kernel_event(name, value);
-        }
         metrics.map(
             "handoff_records",
             tables.handoff_records as usize,
@@ -398,6 +405,26 @@ fn refresh_metrics(daemon: &Daemon) {
         metrics.map("members", written.members.len(), map_sizes::MEMBERS);
         metrics.map("endpoints", written.endpoints.len(), map_sizes::ENDPOINTS);
     }
+    let counters = daemon.sync.kernel.counters.clone();
+    let tables = table_counts(daemon);
+    let names = route_names(daemon);
+    Box::new(move || {
+        let _turn = REFRESHING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(events) = counters.counters() {
+            for (name, value) in events {
+                metrics.kernel_event(name, value);
+            }
+        }
+        for (name, value) in tables.iter().flat_map(TableCounts::counters) {
+            metrics.kernel_event(name, value);
+        }
+        for (key, steered) in counters.route_counters().unwrap_or_default() {
+            if let Some((sandbox, service)) = names.get(&key) {
+                metrics.route_steered(sandbox, service, steered);
+            }
+        }
+        Ok(Value::Null)
+    })
 }
 
 fn table_counts(daemon: &Daemon) -> Option<TableCounts> {

@@ -23,6 +23,7 @@ use std::{
     io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -38,7 +39,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{
     kfunc,
-    maps::Maps,
+    maps::{CounterReader, Maps},
     reset::{self, Resetter},
     tables::Tables,
 };
@@ -165,6 +166,8 @@ pub struct AttachReport {
 /// runs.
 pub struct Kernel {
     pub maps: Maps,
+    /// Read off the control loop (`stats`, metrics scrapes), hence shared.
+    pub counters: Arc<CounterReader>,
     /// The router's side of the hand-off: where each accepted connection was going. Taken by
     /// the router when there is one.
     pub orig_dst: Option<BpfHashMap<MapData, SockAddr, SockAddr>>,
@@ -223,7 +226,7 @@ pub fn start(
             .override_global("SKC_V6_DADDR_OFFSET", &offsets.v6_daddr, true);
     }
     let mut ebpf = loader.load(object)?;
-    let maps = take_maps(&mut ebpf)?;
+    let (maps, counters) = take_maps(&mut ebpf)?;
     let orig_dst = take(&mut ebpf, map_names::ORIG_DST)?;
     let tables = Tables::new(
         &orig_dst,
@@ -310,6 +313,7 @@ pub fn start(
     Ok((
         Kernel {
             maps,
+            counters: Arc::new(counters),
             orig_dst: Some(orig_dst),
             tables: Some(tables),
             router: Some(router),
@@ -372,15 +376,21 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
     T::try_from(map).map_err(|source| LoadError::Map { name, source })
 }
 
-fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
-    Ok(Maps {
+fn take_maps(ebpf: &mut Ebpf) -> Result<(Maps, CounterReader), LoadError> {
+    let maps = Maps {
         services: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::SERVICES)?,
         members: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::MEMBERS)?,
         routes: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::ROUTES)?,
         endpoints: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::ENDPOINTS)?,
-        stats: take::<PerCpuArray<MapData, _>>(ebpf, map_names::STATS)?,
         route_stats: take::<PerCpuHashMap<MapData, _, _>>(ebpf, map_names::ROUTE_STATS)?,
-    })
+    };
+    let stats = take::<PerCpuArray<MapData, _>>(ebpf, map_names::STATS)?;
+    let counters =
+        CounterReader::new(stats, &maps.route_stats).map_err(|source| LoadError::Handle {
+            name: map_names::ROUTE_STATS,
+            source,
+        })?;
+    Ok((maps, counters))
 }
 
 /// Detaches the programs of another build that [`start`] left running beside ours (call it once

@@ -11,6 +11,7 @@
 //! This module holds the handles on the pinned maps and carries out an apply; the `encode`
 //! submodule turns the desired state into entries and ids ([`encode()`]), and the `plan`
 //! submodule orders the writes ([`plan()`]).
+mod counters;
 mod encode;
 mod plan;
 
@@ -18,13 +19,14 @@ use std::{collections::HashMap, hash::Hash};
 
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap},
 };
 use redirector_common::{
-    EndpointKey, MemberValue, RouteKey, RouteValue, ServiceKey, ServiceValue, SockAddr, stats,
+    EndpointKey, MemberValue, RouteKey, RouteValue, ServiceKey, ServiceValue, SockAddr,
 };
 
 pub use self::{
+    counters::{CounterReader, Counters},
     encode::{Handoff, Ids, MemberCookies, encode, service_key, sock_addr, socket_addr},
     plan::{Write, plan},
 };
@@ -62,12 +64,8 @@ pub struct Maps {
     pub members: BpfHashMap<MapData, u64, MemberValue>,
     pub routes: BpfHashMap<MapData, RouteKey, RouteValue>,
     pub endpoints: BpfHashMap<MapData, EndpointKey, SockAddr>,
-    pub stats: PerCpuArray<MapData, u64>,
     pub route_stats: PerCpuHashMap<MapData, RouteKey, u64>,
 }
-
-/// Per-event counters summed over CPUs, in `redirector_common::stats` order.
-pub type Counters = [(&'static str, u64); stats::COUNT as usize];
 
 impl Maps {
     /// What the kernel holds now.
@@ -120,35 +118,6 @@ impl Maps {
                 tracing::debug!(error = %err, "cannot remove a route's steering counter");
             }
         }
-    }
-
-    /// Connections steered per route since load, summed over CPUs.
-    pub fn route_counters(&self) -> Result<Vec<(RouteKey, u64)>, SyncError> {
-        self.route_stats
-            .iter()
-            .map(|entry| entry.map(|(key, values)| (key, values.iter().sum())))
-            .collect::<Result<_, MapError>>()
-            .map_err(|source| SyncError::Map {
-                map: "route_stats",
-                op: "read",
-                source,
-            })
-    }
-
-    pub fn counters(&self) -> Result<Counters, SyncError> {
-        let mut out = stats::NAMES.map(|name| (name, 0));
-        for (slot, entry) in out.iter_mut().enumerate() {
-            let values = self
-                .stats
-                .get(&(slot as u32), 0)
-                .map_err(|source| SyncError::Map {
-                    map: "stats",
-                    op: "read",
-                    source,
-                })?;
-            entry.1 = values.iter().sum();
-        }
-        Ok(out)
     }
 }
 
