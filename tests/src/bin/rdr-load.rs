@@ -22,6 +22,9 @@
 //!   with connect + one request + close (`connect`), and the highest rate whose p99 stays
 //!   under a bound (`max`). Each response's `x-served-by` is checked, so a run that silently
 //!   took the wrong path (the baseline instead of the fork) counts errors, not numbers.
+//!   `udp` is the datagram counterpart the kernel-cost runs need: request/response exchanges
+//!   over unconnected (`sendto`/`recvfrom`) or connected sockets, each reply checked for the
+//!   server's name and for coming from the address dialed.
 //! - **Maintained parts only**: hyper is the HTTP stack the daemon's router already uses, and
 //!   `hdrhistogram` is the Rust port of HdrHistogram (3 significant digits, 1 ns to 60 s). The
 //!   whole generator is this file and the modules under `rdr_load/`.
@@ -42,6 +45,8 @@ mod stats;
 mod target;
 #[path = "rdr_load/timetable.rs"]
 mod timetable;
+#[path = "rdr_load/udp.rs"]
+mod udp;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -102,6 +107,35 @@ struct TargetArgs {
     /// its own, this takes the client's wake-up latency out of every measurement.
     #[arg(long)]
     spin: bool,
+    /// After connecting, getpeername must return --addr: a redirect stays invisible to the
+    /// application. Costs a syscall per connection, so only the runs that measure the
+    /// getpeername programs ask for it.
+    #[arg(long)]
+    check_peer: bool,
+}
+
+#[derive(Args, Clone)]
+struct UdpArgs {
+    /// Server address: IP:PORT or [IPv6]:PORT.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Count a reply that does not name NAME as an error.
+    #[arg(long, value_name = "NAME")]
+    expect_server: Option<String>,
+    /// Bound of one exchange; a slower one counts as an error.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+    /// Pin the generator to this CPU.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// A new socket per exchange: connect, getpeername, send, recv, close. Without it, one
+    /// unconnected socket does every exchange with sendto and recvfrom.
+    #[arg(long)]
+    connected: bool,
+    #[arg(long, default_value_t = 3000)]
+    duration_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    warmup_ms: u64,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -160,6 +194,15 @@ enum Cmd {
         /// Pin the server to this CPU.
         #[arg(long)]
         cpu: Option<usize>,
+        /// Also answer UDP datagrams on [::]:PORT, each with `NAME SEQ` for a request `SEQ`.
+        #[arg(long)]
+        udp: bool,
+    },
+    /// Request/response over UDP, one exchange in flight (closed loop): exchanges per second,
+    /// each reply checked for --expect-server and for its source being --addr.
+    Udp {
+        #[command(flatten)]
+        udp: UdpArgs,
     },
     /// Highest fixed rate whose p99 stays within --p99-us: a closed-loop probe finds the
     /// saturation rate X, then --steps bisection steps of fixed-rate runs search [0, X]. A
@@ -197,6 +240,7 @@ use server::*;
 use stats::*;
 use target::*;
 use timetable::*;
+use udp::*;
 
 // ---------------------------------------------------------------- process
 
@@ -231,6 +275,7 @@ fn hard_limit(cmd: &Cmd) -> Option<Duration> {
             warmup_ms,
             ..
         } => duration_ms + warmup_ms + 2 * target.timeout_ms,
+        Cmd::Udp { udp } => udp.duration_ms + udp.warmup_ms + 2 * udp.timeout_ms,
         Cmd::Max {
             target,
             steps,
@@ -253,6 +298,7 @@ fn cpu(cmd: &Cmd) -> Option<usize> {
             target.cpu
         }
         Cmd::Serve { cpu, .. } => *cpu,
+        Cmd::Udp { udp } => udp.cpu,
     }
 }
 

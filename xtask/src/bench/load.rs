@@ -38,11 +38,18 @@ pub struct Target<'a> {
 pub enum Kind {
     /// Fixed rate, open loop.
     Rate { rate: u32, new_conn: bool },
-    /// Connections per second (connect + one request + close), closed loop.
+    /// Connections per second (connect + one request + close), closed loop. With
+    /// `check_peer`, every connection also asks getpeername (and checks it names the address
+    /// dialed): the program-cost runs need that hook driven, the rate runs need the bare loop.
     Connect {
         duration: Duration,
         warmup: Duration,
+        check_peer: bool,
     },
+    /// UDP request/response exchanges, one in flight, for `duration` (no warm-up): one
+    /// unconnected socket (sendto, recvfrom), or with `connected` a socket per exchange
+    /// (connect, getpeername, send, recv). Only the servers on `OUTSIDE_PORT` answer UDP.
+    Udp { duration: Duration, connected: bool },
     /// Highest fixed rate with p99 within [`MAX_P99_US`].
     Max,
 }
@@ -62,20 +69,25 @@ pub fn run(
             Kind::Rate { .. } => "rate",
             Kind::Connect { .. } => "connect",
             Kind::Max => "max",
+            Kind::Udp { .. } => "udp",
         }
         .into(),
         "--addr".into(),
         target.addr.to_string(),
-        "--header".into(),
-        format!("baggage=sd-routing-key={}", target.key),
         "--expect-server".into(),
         target.expect.into(),
         "--cpu".into(),
         CLIENT_CPU.to_string(),
-        // The client has its core to itself: polling instead of sleeping takes its own
-        // wake-up latency (tens of microseconds on a VM) out of every figure.
-        "--spin".into(),
     ];
+    if !matches!(kind, Kind::Udp { .. }) {
+        args.extend([
+            "--header".into(),
+            format!("baggage=sd-routing-key={}", target.key),
+            // The client has its core to itself: polling instead of sleeping takes its own
+            // wake-up latency (tens of microseconds on a VM) out of every figure.
+            "--spin".into(),
+        ]);
+    }
     let expected = match kind {
         Kind::Rate { rate, new_conn } => {
             args.extend([
@@ -93,7 +105,11 @@ pub fn run(
             }
             profile.run + profile.warmup
         }
-        Kind::Connect { duration, warmup } => {
+        Kind::Connect {
+            duration,
+            warmup,
+            check_peer,
+        } => {
             args.extend([
                 "--concurrency".into(),
                 CONNECT_WORKERS.to_string(),
@@ -102,7 +118,25 @@ pub fn run(
                 "--warmup-ms".into(),
                 ms(warmup),
             ]);
+            if check_peer {
+                args.push("--check-peer".into());
+            }
             duration + warmup
+        }
+        Kind::Udp {
+            duration,
+            connected,
+        } => {
+            args.extend([
+                "--duration-ms".into(),
+                ms(duration),
+                "--warmup-ms".into(),
+                "0".into(),
+            ]);
+            if connected {
+                args.push("--connected".into());
+            }
+            duration
         }
         Kind::Max => {
             args.extend([

@@ -10,7 +10,7 @@ use super::{
     kernel::{BpfStats, Programs},
     load::{self, Kind, Target},
     sys::{self, Tools},
-    topo::{self, BASELINE, FORK, KEY_FORK, KEY_NONE, SVC, Topo},
+    topo::{self, BASELINE, FORK, KEY_FORK, KEY_NONE, SVC, SVC6, Topo},
 };
 
 /// Routes loaded while the fast path, L4 and L7 are measured: "many", but the service under
@@ -86,9 +86,38 @@ pub fn all(
 }
 
 /// The parts measured in the timed repeats (all but `instructions`).
-const PARTS_TIMED: [&str; 8] = [
-    "direct", "nginx", "haproxy", "iptables", "fast", "l4", "l7", "sweep",
+const PARTS_TIMED: [&str; 9] = [
+    "direct", "nginx", "haproxy", "iptables", "fast", "l4", "l7", "sweep", "cost",
 ];
+
+/// What a program-cost case's client does in a loop.
+#[derive(Clone, Copy)]
+enum CostLoad {
+    /// TCP connect + one request + close; `check_peer` adds a getpeername per connection.
+    Tcp { check_peer: bool },
+    /// UDP exchanges: one unconnected socket, or a connected socket per exchange.
+    Udp { connected: bool },
+}
+
+/// One program-cost case: who dials what, how, and the hook that runs exactly once per unit
+/// of work (connection or exchange), whose run count the case's total is divided by.
+struct CostCase<'a> {
+    label: &'static str,
+    pod: &'a Pod,
+    tgt: Target<'a>,
+    load: CostLoad,
+    unit_hook: &'static str,
+}
+
+impl CostLoad {
+    /// The key of the case's total per unit of work: `cost.{case}.{unit}@{routes}.ns`.
+    fn unit(self) -> &'static str {
+        match self {
+            CostLoad::Tcp { .. } => "per_connection",
+            CostLoad::Udp { .. } => "per_exchange",
+        }
+    }
+}
 
 impl Ctx<'_> {
     fn step(&self, rep: usize, what: &str) {
@@ -140,6 +169,11 @@ impl Ctx<'_> {
             for routes in SWEEP_ROUTES {
                 self.paired_direct(rep, &format!("@{routes}"))?;
                 self.with_daemon(rep, routes, |ctx, daemon| ctx.sweep(rep, routes, daemon))?;
+            }
+        } else if p.has("cost") {
+            // The sweep measures the programs' cost already; alone, only that.
+            for routes in SWEEP_ROUTES {
+                self.with_daemon(rep, routes, |ctx, _| ctx.cost_only(rep, routes))?;
             }
         }
         if p.has("iptables") {
@@ -263,6 +297,13 @@ impl Ctx<'_> {
         self.program_cost(&programs, routes)
     }
 
+    /// The programs' cost with `routes` routes, nothing else of the sweep.
+    fn cost_only(&mut self, rep: usize, routes: usize) -> anyhow::Result<()> {
+        self.step(rep, &format!("program cost at {routes} routes"));
+        let programs = Programs::attached(&self.tools.bpftool, self.topo.node.cgroup())?;
+        self.program_cost(&programs, routes)
+    }
+
     /// Every figure of one HTTP path: latency at the fixed rates, max rate, and (with `conn`)
     /// connection rate.
     /// Around each fixed-rate run, the CPU time of the `watch`ed processes (label, pid) is
@@ -312,6 +353,7 @@ impl Ctx<'_> {
             Kind::Connect {
                 duration: self.profile.conn,
                 warmup: self.profile.conn_warmup,
+                check_peer: false,
             },
         )
     }
@@ -320,58 +362,131 @@ impl Ctx<'_> {
         load::run(self.bins, &self.topo.node, pod, tgt, kind, self.profile)
     }
 
-    /// ns per run of each attached program while one kind of connection is made in a loop:
-    /// untouched (fast path), steered (L4) and handed to the router (L7). Run-time accounting
-    /// is on only for these runs: it costs every program two clock reads.
+    /// ns per run of each attached program while one kind of connection or exchange is made
+    /// in a loop, each on its untouched path and its steered path (see [`cost_cases`]).
+    /// Run-time accounting is on only for these runs: it costs every program two clock reads.
     fn program_cost(&mut self, programs: &Programs, routes: usize) -> anyhow::Result<()> {
-        let t = self.topo;
-        let svc = topo::addr(SVC);
-        let cases = [
-            (
-                "fast",
-                &t.client,
-                target(Topo::ip(&t.server), KEY_FORK, BASELINE),
-            ),
-            ("l4", &t.member, target(svc, KEY_FORK, FORK)),
-            ("l7", &t.client, target(svc, KEY_FORK, FORK)),
-        ];
+        let cases = cost_cases(self.topo);
         let _stats = BpfStats::enable().context("enabling BPF run-time statistics")?;
-        for (label, pod, tgt) in cases {
-            let before = programs.counters()?;
-            self.load(
-                pod,
-                tgt,
-                Kind::Connect {
-                    duration: self.profile.cost,
-                    warmup: Duration::ZERO,
-                },
-            )?;
-            let after = programs.counters()?;
-            let costs = programs.cost(&before, &after);
-            // One connect4 run per connection the loop made.
-            let connections = costs
-                .iter()
-                .find(|(name, _, _)| name == "connect4")
-                .map_or(0, |(_, _, runs)| *runs);
-            let mut total = 0.0;
-            for (name, ns, runs) in costs {
-                total += ns * runs as f64;
-                self.results
-                    .push(format!("cost.{label}.{name}@{routes}.ns"), ns);
-                self.results
-                    .push(format!("cost.{label}.{name}@{routes}.runs"), runs as f64);
-            }
-            if connections > 0 {
-                // Every program run the connection caused, at both ends: its whole kernel-side
-                // price.
-                self.results.push(
-                    format!("cost.{label}.per_connection@{routes}.ns"),
-                    total / connections as f64,
-                );
-            }
+        for case in &cases {
+            self.cost_case(programs, case, routes)?;
         }
         Ok(())
     }
+
+    /// One case's loop between two readings of the counters: `cost.{case}.{hook}@{routes}`
+    /// (ns and runs) for every program that ran, and the total per unit of work.
+    fn cost_case(
+        &mut self,
+        programs: &Programs,
+        case: &CostCase<'_>,
+        routes: usize,
+    ) -> anyhow::Result<()> {
+        let duration = self.profile.cost;
+        let kind = match case.load {
+            CostLoad::Tcp { check_peer } => Kind::Connect {
+                duration,
+                warmup: Duration::ZERO,
+                check_peer,
+            },
+            CostLoad::Udp { connected } => Kind::Udp {
+                duration,
+                connected,
+            },
+        };
+        let label = case.label;
+        let before = programs.counters()?;
+        let v = self.load(case.pod, case.tgt, kind)?;
+        let after = programs.counters()?;
+        // Only its errors: a loop that reached the wrong server measured the wrong path.
+        self.results.run(&format!("cost.{label}@{routes}"), &v, &[]);
+        let costs = programs.cost(&before, &after);
+        let units = costs
+            .iter()
+            .find(|(name, _, _)| name == case.unit_hook)
+            .map_or(0, |(_, _, runs)| *runs);
+        let mut total = 0.0;
+        for (name, ns, runs) in costs {
+            total += ns * runs as f64;
+            self.results
+                .push(format!("cost.{label}.{name}@{routes}.ns"), ns);
+            self.results
+                .push(format!("cost.{label}.{name}@{routes}.runs"), runs as f64);
+        }
+        if units > 0 {
+            // Every program run the unit of work caused (at both ends where both are in the
+            // cgroup): its whole kernel-side price.
+            self.results.push(
+                format!("cost.{label}.{}@{routes}.ns", case.load.unit()),
+                total / units as f64,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// TCP over IPv4 untouched (fast path), steered (L4) and handed to the router (L7), with
+/// the servers in the node's cgroup: a connection's whole price, both ends. Then, against
+/// the servers outside the cgroup (the client's programs alone): TCP over IPv6 with
+/// getpeername, and UDP over IPv4 and IPv6, unconnected and connected, each untouched
+/// and steered. Together they drive every hook on both of its paths.
+fn cost_cases(t: &Topo) -> Vec<CostCase<'_>> {
+    let tcp = CostLoad::Tcp { check_peer: false };
+    let tcp_peer = CostLoad::Tcp { check_peer: true };
+    let udp = CostLoad::Udp { connected: false };
+    let udp_conn = CostLoad::Udp { connected: true };
+    let (server4, server6) = (topo::outside(t.server.ipv4), topo::outside(t.server.ipv6));
+    let (svc4, svc6) = (topo::outside(SVC), topo::outside(SVC6));
+    let case = |label, pod, addr, expect, load, unit_hook| CostCase {
+        label,
+        pod,
+        tgt: target(addr, KEY_FORK, expect),
+        load,
+        unit_hook,
+    };
+    vec![
+        case(
+            "fast",
+            &t.client,
+            Topo::ip(&t.server),
+            BASELINE,
+            tcp,
+            "connect4",
+        ),
+        case("l4", &t.member, topo::addr(SVC), FORK, tcp, "connect4"),
+        case("l7", &t.client, topo::addr(SVC), FORK, tcp, "connect4"),
+        case(
+            "fast_tcp6",
+            &t.client,
+            server6,
+            BASELINE,
+            tcp_peer,
+            "connect6",
+        ),
+        case("l4_tcp6", &t.member, svc6, FORK, tcp_peer, "connect6"),
+        case("fast_udp4", &t.client, server4, BASELINE, udp, "sendmsg4"),
+        case("l4_udp4", &t.member, svc4, FORK, udp, "sendmsg4"),
+        case("fast_udp6", &t.client, server6, BASELINE, udp, "sendmsg6"),
+        case("l4_udp6", &t.member, svc6, FORK, udp, "sendmsg6"),
+        case(
+            "fast_udp4c",
+            &t.client,
+            server4,
+            BASELINE,
+            udp_conn,
+            "connect4",
+        ),
+        case("l4_udp4c", &t.member, svc4, FORK, udp_conn, "connect4"),
+        case(
+            "fast_udp6c",
+            &t.client,
+            server6,
+            BASELINE,
+            udp_conn,
+            "connect6",
+        ),
+        case("l4_udp6c", &t.member, svc6, FORK, udp_conn, "connect6"),
+    ]
 }
 
 fn target<'a>(addr: std::net::SocketAddr, key: &'a str, expect: &'a str) -> Target<'a> {

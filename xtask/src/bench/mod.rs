@@ -13,8 +13,9 @@
 //!   nginx (one worker) and HAProxy (one thread), on the router's core;
 //! - **iptables**: the kube-proxy anchor, DNAT with 10 / 1 000 / 10 000 rules, against the
 //!   fast path and L4 with 10 / 10 000 / 100 000 routes, on connection rate;
-//! - the kernel programs' own cost (ns per run) at 10 / 10 000 / 100 000 routes, and the
-//!   daemon's memory and CPU (idle, and per 1 000 routed requests);
+//! - the kernel programs' own cost (ns per run) at 10 / 10 000 / 100 000 routes, every hook on
+//!   its untouched and its steered path (TCP over IPv4 and IPv6, UDP over both, unconnected
+//!   and connected), and the daemon's memory and CPU (idle, and per 1 000 routed requests);
 //! - **instructions** per routed request of the router, nginx and HAProxy, counted by
 //!   callgrind: the one figure this machine's noise cannot move (see `instr`).
 //!
@@ -59,14 +60,15 @@ pub struct Options {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
     repeats: Option<u32>,
     /// Measure only these parts (comma-separated): direct, nginx, haproxy, iptables, fast,
-    /// l4, l7, sweep, instructions (callgrind's instructions per routed request of the
-    /// router, nginx and HAProxy; slow, about 2 minutes). Ratios need `direct`; figures left
-    /// out show as `-`.
+    /// l4, l7, sweep (connection rate and program cost per route count), cost (the program
+    /// cost alone, part of sweep), instructions (callgrind's instructions per routed request
+    /// of the router, nginx and HAProxy; slow, about 2 minutes). Ratios need `direct`;
+    /// figures left out show as `-`.
     #[arg(long, value_delimiter = ',', value_parser = PARTS)]
     only: Vec<String>,
 }
 
-const PARTS: [&str; 9] = [
+const PARTS: [&str; 10] = [
     "direct",
     "nginx",
     "haproxy",
@@ -75,6 +77,7 @@ const PARTS: [&str; 9] = [
     "l4",
     "l7",
     "sweep",
+    "cost",
     "instructions",
 ];
 
@@ -92,7 +95,7 @@ pub struct Profile {
     pub max_step: Duration,
     pub max_warmup: Duration,
     pub max_steps: u32,
-    /// Program-cost runs (connection loops with run-time accounting on).
+    /// Program-cost runs (connection and exchange loops with run-time accounting on), each.
     pub cost: Duration,
     /// Parts to measure (see `--only`).
     pub parts: Vec<String>,

@@ -4,18 +4,22 @@
 //!   client   ── non-member pod: direct, fast path, L7 (fork and baseline), nginx
 //!   member   ── member of sandbox pr-100: L4 steering
 //!   kproxy   ── the kube-proxy-style client: iptables DNAT rules in its own netns only
-//!   server   ── the baseline of `svc` (10.96.0.10:8080, routed to it by the node)
-//!   fork     ── svc's fork for pr-100
+//!   server   ── the baseline of `svc` (10.96.0.10:8080, routed to it by the node) and of
+//!               `svc6` ([fd00:96::10]:8081, TCP) and `svc-udp` / `svc6-udp` (UDP, 8081)
+//!   fork     ── their forks for pr-100
 //!   proxy    ── nginx, routing on the baggage header like the node router does
 //!   haproxy  ── HAProxy, the same routing (the second L7 anchor)
 //! ```
 //!
 //! Every server is `rdr-load serve` (same binary, same 128-byte answer). Servers, the daemon,
 //! nginx and HAProxy run on [`SERVER_CPU`]; clients on [`CLIENT_CPU`](super::sys::CLIENT_CPU).
+//! The baseline and the fork each run a second server, TCP and UDP on [`OUTSIDE_PORT`], outside
+//! the node's cgroup: the IPv6 and UDP program-cost cases dial it, so the programs that run
+//! there are the client's alone (see [`OUTSIDE_PORT`]).
 use std::{
     ffi::OsString,
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
@@ -29,9 +33,20 @@ use super::{
 };
 
 pub const PORT: u16 = 8080;
+/// The port of the servers outside the node's cgroup. A dual-stack server in the cgroup runs
+/// the same IPv6 programs as an IPv6 or UDP client (getpeername6 at accept, sendmsg6 and
+/// recvmsg6 for every datagram): untouched runs that would be averaged into the client's
+/// steered ones. Out of the cgroup, each hook's ns per run is one end's, one path's.
+pub const OUTSIDE_PORT: u16 = 8081;
 /// The HTTP service: forked for [`KEY_FORK`], so members are steered (L4) and non-members go
 /// through the node router (L7).
 pub const SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The IPv6 service address: `svc6` (TCP) and `svc6-udp`, both on [`OUTSIDE_PORT`] and forked
+/// for [`KEY_FORK`]. `svc-udp` is [`SVC`] on that port.
+pub const SVC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// Services of `svc`'s sandbox: `svc`, `svc6`, `svc-udp` and `svc6-udp`. The bulk services
+/// make up the rest of a route count.
+const OWN_ROUTES: usize = 4;
 /// A routing key with a fork of `svc`.
 pub const KEY_FORK: &str = "pr-100";
 /// A routing key without one (same length, so the payload stays the same): the router sends
@@ -55,6 +70,8 @@ pub struct Topo {
     config: PathBuf,
     /// Processes before the node: dropped (killed) first. By server name.
     servers: Vec<(&'static str, Daemon)>,
+    /// The servers on [`OUTSIDE_PORT`]; killed before the node likewise.
+    outside_servers: Vec<Daemon>,
     pub node: Node,
 }
 
@@ -65,6 +82,11 @@ pub fn bulk_vip(i: usize) -> Ipv4Addr {
 
 pub fn addr(ip: Ipv4Addr) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), PORT)
+}
+
+/// `ip` on [`OUTSIDE_PORT`].
+pub fn outside(ip: impl Into<IpAddr>) -> SocketAddr {
+    SocketAddr::new(ip.into(), OUTSIDE_PORT)
 }
 
 impl Topo {
@@ -78,6 +100,7 @@ impl Topo {
         let proxy = node.add_pod("proxy")?;
         let haproxy = node.add_pod("haproxy")?;
         node.add_vip(IpAddr::V4(SVC), &server)?;
+        node.add_vip(IpAddr::V6(SVC6), &server)?;
         let config = node.dir().join("redirector.toml");
         let mut topo = Topo {
             client,
@@ -89,28 +112,36 @@ impl Topo {
             haproxy,
             config,
             servers: Vec::new(),
+            outside_servers: Vec::new(),
             node,
         };
         for (pod, name) in [(topo.server.clone(), BASELINE), (topo.fork.clone(), FORK)] {
-            let server = topo.serve(bins, &pod, name)?;
+            let server = topo.serve(bins, &pod, name, PORT)?;
             topo.servers.push((name, server));
+            let outside = topo.serve(bins, &pod, name, OUTSIDE_PORT)?;
+            topo.outside_servers.push(outside);
         }
         Ok(topo)
     }
 
-    /// `rdr-load serve` in `pod`, inside the node's cgroup like any pod's process.
-    fn serve(&self, bins: &Bins, pod: &Pod, name: &str) -> anyhow::Result<Daemon> {
-        let mut cmd = pod.command(&self.node, &bins.load, true);
+    /// `rdr-load serve` in `pod`: on [`PORT`] inside the node's cgroup like any pod's process,
+    /// on [`OUTSIDE_PORT`] outside it and with UDP too.
+    fn serve(&self, bins: &Bins, pod: &Pod, name: &str, port: u16) -> anyhow::Result<Daemon> {
+        let in_cgroup = port != OUTSIDE_PORT;
+        let mut cmd = pod.command(&self.node, &bins.load, in_cgroup);
         cmd.args([
             "serve",
             "--name",
             name,
             "--port",
-            &PORT.to_string(),
+            &port.to_string(),
             "--cpu",
             &SERVER_CPU.to_string(),
         ]);
-        let server = Daemon::spawn_command(&format!("{}/{name}", pod.name), cmd)?;
+        if !in_cgroup {
+            cmd.arg("--udp");
+        }
+        let server = Daemon::spawn_command(&format!("{}/{name}:{port}", pod.name), cmd)?;
         server.wait_for_log("ready", SERVER_READY)?;
         Ok(server)
     }
@@ -160,10 +191,11 @@ impl Topo {
         Ok(daemon)
     }
 
-    /// `svc` (HTTP, forked for pr-100 whose member is the `member` pod) and `routes - 1` bulk
-    /// TCP services, each forked in sandbox `bulk`: `routes` routes and as many entries in the
-    /// kernel's service map. The router listens on the node's bridge address; `[router]` keeps
-    /// its defaults, so no `upstream_header` is added to responses.
+    /// `svc` (HTTP), `svc6` (TCP), `svc-udp` and `svc6-udp`, all forked for pr-100 whose
+    /// member is the `member` pod, and the bulk TCP services, each forked in sandbox `bulk`:
+    /// `routes` routes in all (at least [`OWN_ROUTES`]) and as many entries in the kernel's
+    /// service map. The router listens on the node's bridge address; `[router]` keeps its
+    /// defaults, so no `upstream_header` is added to responses.
     fn config_text(&self, routes: usize) -> String {
         let fork = Self::ip(&self.fork);
         let mut text = format!(
@@ -178,14 +210,30 @@ router_listen = "{NODE_GW_V4}:{ROUTER_PORT}"
 name = "svc"
 address = "{svc}"
 protocol = "http"
+
+[[service]]
+name = "svc6"
+address = "{svc6}"
+
+[[service]]
+name = "svc-udp"
+address = "{svc_udp}"
+protocol = "udp"
+
+[[service]]
+name = "svc6-udp"
+address = "{svc6}"
+protocol = "udp"
 "#,
             cgroup = self.node.cgroup().display(),
             bpffs = self.node.bpffs().join("redirector").display(),
             api = self.node.dir().join("api.sock").display(),
             state = self.node.dir().join("state.json").display(),
             svc = addr(SVC),
+            svc6 = outside(SVC6),
+            svc_udp = outside(SVC),
         );
-        let bulk = routes.saturating_sub(1);
+        let bulk = routes.saturating_sub(OWN_ROUTES);
         for i in 0..bulk {
             let _ = write!(
                 text,
@@ -193,9 +241,14 @@ protocol = "http"
                 addr(bulk_vip(i))
             );
         }
+        let (fork4, fork6) = (outside(self.fork.ipv4), outside(self.fork.ipv6));
         let _ = write!(
             text,
-            "\n[[sandbox]]\nkey = \"{KEY_FORK}\"\nmembers = [\"{}\"]\nroutes = [{{ service = \"svc\", fork = \"{fork}\" }}]\n",
+            "\n[[sandbox]]\nkey = \"{KEY_FORK}\"\nmembers = [\"{}\"]\nroutes = [\n  \
+             {{ service = \"svc\", fork = \"{fork}\" }},\n  \
+             {{ service = \"svc6\", fork = \"{fork6}\" }},\n  \
+             {{ service = \"svc-udp\", fork = \"{fork4}\" }},\n  \
+             {{ service = \"svc6-udp\", fork = \"{fork6}\" }},\n]\n",
             self.member.netns_path().display()
         );
         if bulk > 0 {

@@ -208,7 +208,7 @@ pub(super) async fn run(cmd: Cmd) -> Result<Value> {
         Cmd::Rate { target, .. } | Cmd::Connect { target, .. } | Cmd::Max { target, .. } => {
             target.spin
         }
-        Cmd::Serve { .. } => false,
+        Cmd::Serve { .. } | Cmd::Udp { .. } => false,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let spinner = spinning.then(|| tokio::spawn(spin(stop.clone())));
@@ -226,8 +226,13 @@ pub(super) async fn run_cmd(cmd: Cmd) -> Result<Value> {
             name,
             port,
             body_bytes,
+            udp,
             ..
-        } => serve(&name, port, body_bytes).await.map(|()| Value::Null),
+        } => serve(&name, port, body_bytes, udp)
+            .await
+            .map(|()| Value::Null),
+        // Blocking socket calls on the runtime's only thread: nothing else runs on it here.
+        Cmd::Udp { udp } => run_udp(&udp),
         Cmd::Rate {
             target,
             rate_args,

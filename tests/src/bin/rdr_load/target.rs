@@ -15,6 +15,7 @@ pub(super) struct Target {
     pub(super) expect_server: Option<String>,
     pub(super) timeout: Duration,
     pub(super) spin: bool,
+    pub(super) check_peer: bool,
 }
 
 impl Target {
@@ -38,6 +39,7 @@ impl Target {
             expect_server: a.expect_server.clone(),
             timeout: Duration::from_millis(a.timeout_ms.max(1)),
             spin: a.spin,
+            check_peer: a.check_peer,
         })
     }
 
@@ -63,6 +65,12 @@ impl Target {
             .with_context(|| format!("connect {}", self.addr))?;
         // Small requests must not wait for Nagle behind the previous response's ACK.
         stream.set_nodelay(true).context("TCP_NODELAY")?;
+        if self.check_peer {
+            let peer = stream.peer_addr().context("getpeername")?;
+            if peer != self.addr {
+                bail!("getpeername says {peer}, dialed {}", self.addr);
+            }
+        }
         if reset_on_close {
             // Zero linger never blocks: close sends a reset at once.
             socket2::SockRef::from(&stream)

@@ -34,13 +34,41 @@ const PATHS: [(&str, &str); 7] = [
 ];
 /// The L7 anchors the router is compared with: (key, label).
 const ANCHORS: [(&str, &str); 2] = [("nginx", "nginx"), ("haproxy", "HAProxy")];
-/// Programs the cost table shows first, in this order; any other that ran follows them.
-const PROGRAMS: [&str; 3] = ["connect4", "handoff_sockops", "getpeername6"];
-const COST_CASES: [(&str, &str); 3] = [
-    ("fast", "fast path"),
-    ("l4", "L4 steered"),
-    ("l7", "L7 hand-off"),
+/// Programs the cost table shows first, in this order (the daemon's hooks); any other that
+/// ran follows them.
+const PROGRAMS: [&str; 9] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+    "handoff_sockops",
 ];
+/// Program-cost cases in table order: (key, label, unit of work). See `measure::cost_cases`.
+const COST_CASES: [(&str, &str, &str); 13] = [
+    ("fast", "fast path", PER_CONNECTION),
+    ("l4", "L4 steered", PER_CONNECTION),
+    ("l7", "L7 hand-off", PER_CONNECTION),
+    ("fast_tcp6", "fast, TCP v6", PER_CONNECTION),
+    ("l4_tcp6", "L4, TCP v6", PER_CONNECTION),
+    ("fast_udp4", "fast, UDP v4", PER_EXCHANGE),
+    ("l4_udp4", "L4, UDP v4", PER_EXCHANGE),
+    ("fast_udp6", "fast, UDP v6", PER_EXCHANGE),
+    ("l4_udp6", "L4, UDP v6", PER_EXCHANGE),
+    ("fast_udp4c", "fast, UDP v4 conn", PER_EXCHANGE),
+    ("l4_udp4c", "L4, UDP v4 conn", PER_EXCHANGE),
+    ("fast_udp6c", "fast, UDP v6 conn", PER_EXCHANGE),
+    ("l4_udp6c", "L4, UDP v6 conn", PER_EXCHANGE),
+];
+const PER_CONNECTION: &str = "per_connection";
+const PER_EXCHANGE: &str = "per_exchange";
+/// The cases whose servers are in the node's cgroup: a TCP-over-IPv4 connection's whole price,
+/// both ends, which is what the connection-rate targets and the share of a direct connection
+/// are about. The others count the client's programs alone.
+const CONN_COST_CASES: [&str; 3] = ["fast", "l4", "l7"];
 
 /// A path's connection-rate key and the direct rate it is compared with: the fast path and L4
 /// are measured in the sweep, each right after a direct run; the others next to `direct`.
@@ -128,7 +156,7 @@ impl Report {
         // The programs' own time per connection, as a share of what a direct connection costs
         // the machine (all cores, busy with the connection loop).
         let cores = machine["cores"].as_f64().unwrap_or(1.0);
-        for (case, _) in COST_CASES {
+        for case in CONN_COST_CASES {
             for n in SWEEP_ROUTES {
                 let ns = r.values(&format!("cost.{case}.per_connection@{n}.ns"));
                 let share: Vec<f64> = ns

@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 
 use super::{
-    ANCHORS, COST_CASES, PATHS, PROGRAMS, Report, conn_keys,
+    ANCHORS, CONN_COST_CASES, COST_CASES, PATHS, PER_CONNECTION, PER_EXCHANGE, PROGRAMS, Report,
+    conn_keys,
     stat::{interval, signed_interval, spread, us},
 };
 use crate::bench::{
@@ -279,7 +280,11 @@ impl Report {
 
         let _ = writeln!(
             t,
-            "\nKernel program cost, ns per run (bpf_stats run_time_ns / run_cnt), and all runs a connection causes"
+            "\nKernel program cost, ns per run (bpf_stats run_time_ns / run_cnt), and all runs a connection or exchange causes"
+        );
+        let _ = writeln!(
+            t,
+            "(TCP v4 cases: both ends' programs; TCP v6 with getpeername and UDP (one socket, or a connected socket per exchange): the client's alone)"
         );
         let _ = writeln!(
             t,
@@ -297,30 +302,33 @@ impl Report {
             if let Some(rest) = key.strip_prefix("cost.")
                 && let Some((_, rest)) = rest.split_once('.')
                 && let Some((name, _)) = rest.split_once('@')
-                && name != "per_connection"
+                && name != PER_CONNECTION
+                && name != PER_EXCHANGE
                 && !names.iter().any(|n| n == name)
             {
                 names.push(name.to_owned());
             }
         }
-        for (case, label) in COST_CASES {
+        for (case, label, unit) in COST_CASES {
             let cells: Vec<String> = sweep
                 .iter()
                 .map(|n| {
-                    let ns = self.stat(&format!("cost.{case}.per_connection@{n}.ns"));
+                    let ns = self.stat(&format!("cost.{case}.{unit}@{n}.ns"));
                     format!("{:<19}", ns.map_or("-".into(), |s| spread(s, 0)))
                 })
                 .collect();
-            let _ = writeln!(
-                t,
-                "{:<18}{:<18}{}",
-                "all, per conn.",
-                label,
-                cells.concat().trim_end()
-            );
+            if cells.iter().all(|c| c.trim() == "-") && !CONN_COST_CASES.contains(&case) {
+                continue;
+            }
+            let what = if unit == PER_EXCHANGE {
+                "all, per exch."
+            } else {
+                "all, per conn."
+            };
+            let _ = writeln!(t, "{what:<18}{label:<18}{}", cells.concat().trim_end());
         }
         for name in &names {
-            for (case, label) in COST_CASES {
+            for (case, label, _) in COST_CASES {
                 let cells: Vec<String> = sweep
                     .iter()
                     .map(|n| {
@@ -476,4 +484,49 @@ fn thousands(x: f64) -> String {
         out.push(c);
     }
     if x < 0.0 { format!("-{out}") } else { out }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::bench::{Options, Profile, Results};
+
+    fn report(values: &[(&str, f64)]) -> String {
+        let mut results = Results::default();
+        for (k, v) in values {
+            results.push(*k, *v);
+        }
+        let profile = Profile::new(&Options::default());
+        let machine = json!({ "cores": 2 });
+        Report::build(&results, machine, &profile, Duration::ZERO).table()
+    }
+
+    #[test]
+    fn cost_table_shows_the_new_cases_beside_the_old() {
+        let t = report(&[
+            ("cost.l4.connect4@10.ns", 1300.0),
+            ("cost.l4.per_connection@10.ns", 2000.0),
+            ("cost.l4_udp6.sendmsg6@10.ns", 700.0),
+            ("cost.l4_udp6.per_exchange@10.ns", 1500.0),
+            ("cost.fast_udp4c.getpeername4@10000.ns", 90.0),
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        let has = |row: &str| {
+            assert!(lines.contains(&row), "no row {row:?} in\n{t}");
+        };
+        // One cell per route count (10, 10 000, 100 000), 19 wide.
+        has("connect4          L4 steered        1300               -                  -");
+        has("sendmsg6          L4, UDP v6        700                -                  -");
+        has("all, per exch.    L4, UDP v6        1500               -                  -");
+        has("getpeername4      fast, UDP v4 conn -                  90                 -");
+        // Cases that did not run stay out, the TCP-over-IPv4 ones excepted.
+        assert!(!t.contains("all, per exch.    fast, UDP v6"));
+        assert!(t.contains("all, per conn.    L7 hand-off       -"));
+        // The unit totals are not programs.
+        assert!(!lines.iter().any(|l| l.starts_with("per_exchange")));
+    }
 }

@@ -7,7 +7,7 @@
 use serde_json::{Value, json};
 
 use super::{
-    ANCHORS, COST_CASES, Report,
+    ANCHORS, CONN_COST_CASES, COST_CASES, Report,
     stat::{Stat, Verdict, interval, signed_interval},
 };
 use crate::bench::measure::{MAIN_ROUTES, SWEEP_ROUTES};
@@ -73,7 +73,10 @@ impl Report {
         let mut flat = true;
         let mut detail = Vec::new();
         let mut each = Vec::new();
-        for (case, label) in COST_CASES {
+        let conn_cases = COST_CASES
+            .iter()
+            .filter(|(case, _, _)| CONN_COST_CASES.contains(case));
+        for (case, label, _) in conn_cases {
             let per: Vec<f64> = [10, 100_000]
                 .iter()
                 .filter_map(|n| self.stat(&format!("cost.{case}.connect4@{n}.ns")))
