@@ -487,8 +487,9 @@ pub async fn serve(
                             request: Request::Query(Query::RefreshMetrics),
                             reply,
                         };
-                        // A scrape is answered even while the control loop is busy: after
-                        // REFRESH_WAIT, with the kernel counters of the last refresh.
+                        // A scrape is answered even while the control loop is busy or the
+                        // counters' walk is long: after REFRESH_WAIT, with the kernel counters
+                        // of the last refresh (as when another scrape's refresh is under way).
                         if calls.send(refresh).await.is_ok()
                             && tokio::time::timeout(REFRESH_WAIT, done).await.is_err()
                         {
@@ -514,7 +515,7 @@ pub async fn serve(
     }
 }
 
-/// How long a scrape waits for the control loop to refresh the kernel-side counters.
+/// How long a scrape waits for its refresh of the kernel-side counters.
 const REFRESH_WAIT: Duration = Duration::from_millis(500);
 
 fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {

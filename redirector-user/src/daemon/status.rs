@@ -1,7 +1,7 @@
 //! Answers to the API's read-only questions, built from what the daemon holds.
 use std::{
     collections::HashMap,
-    sync::{Mutex, atomic::Ordering::Relaxed},
+    sync::{Mutex, TryLockError, atomic::Ordering::Relaxed},
 };
 
 use redirector_common::{RouteKey, map_sizes};
@@ -381,8 +381,9 @@ fn stats(daemon: &Daemon) -> OffLoop {
     })
 }
 
-/// Refreshes mirror kernel totals into counters by adding the difference, so two at once would
-/// add it twice: they take turns.
+/// Held by the refresh in progress. Refreshes mirror kernel totals into counters by adding the
+/// difference, so two at once would add it twice; and a flood of scrapes must not pile walks up
+/// on the blocking pool: a refresh that finds one in progress leaves the work to it.
 static REFRESHING: Mutex<()> = Mutex::new(());
 
 fn refresh_metrics(daemon: &Daemon) -> OffLoop {
@@ -409,7 +410,11 @@ fn refresh_metrics(daemon: &Daemon) -> OffLoop {
     let tables = table_counts(daemon);
     let names = route_names(daemon);
     Box::new(move || {
-        let _turn = REFRESHING.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = match REFRESHING.try_lock() {
+            Ok(turn) => turn,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(Value::Null),
+        };
         if let Ok(events) = counters.counters() {
             for (name, value) in events {
                 metrics.kernel_event(name, value);

@@ -14,7 +14,9 @@
 //! ```
 //!
 //! The reads are ordered so that a write or a take racing a count makes the figure low, never
-//! high: it is a lower bound while the table changes, exact when it holds still. Counting runs
+//! high: it is a lower bound while the table changes, exact when it holds still. A hand-off
+//! record that a new connection from the same client address and port overwrites counts as
+//! evicted too: it is gone without the router taking it, either way. Counting runs
 //! on its own thread, every [`INTERVAL`], and walks a table only when its counters moved.
 use std::{
     collections::HashSet,
