@@ -166,24 +166,33 @@ fn a_route_change_applies_to_the_very_next_request_on_an_open_connection() {
         pr1: true,
         ..Routes::default()
     });
-    // Three requests for pr-2 on one keep-alive connection, 2 s apart: pr-2's route is added
-    // before the second and removed before the third.
-    let request = |pause_ms: u64| {
+    // Three requests for pr-2 on one keep-alive connection, PAUSE apart: pr-2's route is added
+    // before the second and removed before the third. Each change is made half a second into
+    // a pause, and `reconfigure` returns once it is applied, which leaves it the rest of the
+    // pause even on a loaded machine. (A pause stays under the router's idle timeout, the
+    // config's 4 s header read timeout.)
+    const PAUSE: Duration = Duration::from_secs(3);
+    let request = |pause: Duration| {
         HttpReq::get("/who")
             .header("baggage", &baggage("pr-2"))
-            .pause_ms(pause_ms)
+            .pause_ms(pause.as_millis() as u64)
             .spec()
     };
-    let specs = [request(0), request(2000), request(2000)];
+    let specs = [request(Duration::ZERO), request(PAUSE), request(PAUSE)];
     let args = [
         "h1", "--addr", SVC_A, "--req", &specs[0], "--req", &specs[1], "--req", &specs[2],
     ];
     let c = &c;
     let lines = std::thread::scope(|scope| {
+        let started = std::time::Instant::now();
         let client = scope.spawn(|| c.frontend.http(&c.node, &args));
-        std::thread::sleep(Duration::from_millis(700));
+        let into_pause = |n: u32| {
+            let at = Duration::from_millis(500) + PAUSE * (n - 1);
+            std::thread::sleep(at.saturating_sub(started.elapsed()));
+        };
+        into_pause(1);
         c.reconfigure(Routes::both());
-        std::thread::sleep(Duration::from_millis(2300));
+        into_pause(2);
         c.reconfigure(Routes {
             pr1: true,
             ..Routes::default()
