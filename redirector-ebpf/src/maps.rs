@@ -9,8 +9,13 @@ use aya_ebpf::{
 };
 use redirector_common::{
     EndpointKey, MemberValue, ResetRequest, RevNatKey, RouteKey, RouteValue, RouterConfig,
-    ServiceKey, ServiceValue, SockAddr, SockState, map_sizes, stats, table_stats,
+    ServiceKey, ServiceValue, SockAddr, SockState, dst_filter, map_sizes, stats, table_stats,
 };
+
+/// One bit per hash of each `SERVICES` key (see `redirector_common::dst_filter`): a clear bit
+/// is the fast path without a hash lookup. Only the daemon writes it.
+#[map(name = "RDR_DSTFLT_v2")]
+pub(crate) static DST_FILTER: Array<u64> = Array::pinned(dst_filter::WORDS, 0);
 
 /// Destinations that have at least one fork. A miss here is the fast path.
 #[map(name = "RDR_SERVICES_v2")]

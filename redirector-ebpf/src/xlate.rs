@@ -14,14 +14,14 @@ use aya_ebpf::{
 use redirector_common::{
     EndpointKey, FAMILY_V4, FAMILY_V6, MEMBER_INJECT_KEY, ROUTER_SOCKET_V4, ROUTER_SOCKET_V6,
     ROUTER_STALE_NS, RevNatKey, RouteKey, RouteValue, SERVICE_HTTP_HANDOFF, SOCK_STATE_REVNAT,
-    ServiceKey, SockAddr, endpoint_index, stats, table_stats,
+    ServiceKey, SockAddr, dst_filter, endpoint_index, stats, table_stats,
 };
 
 use crate::{
     ctx,
     maps::{
-        BPF_NOEXIST, ENDPOINTS, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES, SERVICES,
-        SOCK_STATE, count, count_route, count_table,
+        BPF_NOEXIST, DST_FILTER, ENDPOINTS, MEMBERS, REVNAT, ROUTER, ROUTER_SOCKETS, ROUTES,
+        SERVICES, SOCK_STATE, count, count_route, count_table,
     },
 };
 
@@ -106,11 +106,14 @@ fn steer(ctx: &SockAddrContext, dialed: &SockAddr, hook: Forward) -> Option<Sock
         family: dialed.family,
         protocol: ctx::protocol(ctx),
     };
-    // The fast path: almost every connection ends here after this one lookup.
+    // The fast path: almost every connection ends here, after one array read or, when its bit
+    // is shared with a service, one hash lookup.
+    if !maybe_service(&key) {
+        count_fast_path();
+        return None;
+    }
     let Some(service) = SERVICES.get_ptr(&key) else {
-        if COUNT_FAST_PATH.load() != 0 {
-            count(stats::FAST_PATH);
-        }
+        count_fast_path();
         return None;
     };
     // SAFETY: pointer from a successful lookup; values are plain data and entries are replaced,
@@ -146,6 +149,24 @@ fn steer(ctx: &SockAddrContext, dialed: &SockAddr, hook: Forward) -> Option<Sock
         count(stats::REVNAT_UPDATE_FAILED);
     }
     Some(target)
+}
+
+/// Whether `key` may be a service: its bit in the destination filter is set (or the filter
+/// cannot be read, when the services map must decide).
+#[inline(always)]
+fn maybe_service(key: &ServiceKey) -> bool {
+    let (word, mask) = dst_filter::word_and_mask(key);
+    match DST_FILTER.get(word) {
+        Some(bits) => bits & mask != 0,
+        None => true,
+    }
+}
+
+#[inline(always)]
+fn count_fast_path() {
+    if COUNT_FAST_PATH.load() != 0 {
+        count(stats::FAST_PATH);
+    }
 }
 
 /// Records on the socket that `dialed` now goes to `target`, for the reverse hooks.

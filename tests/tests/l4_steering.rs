@@ -148,6 +148,41 @@ fn v4_service_through_an_ipv6_socket_is_steered_and_hidden() {
     assert_eq!(connected.peer_unmapped(), addr(VIP4));
 }
 
+/// Bits set in the pinned destination filter.
+fn filter_bits(c: &Cluster) -> u32 {
+    use aya::maps::{Array, Map, MapData};
+    let pin = c.pin_dir().join(redirector_common::map_names::DST_FILTER);
+    let data = MapData::from_pin(&pin).expect("filter pinned");
+    let filter: Array<MapData, u64> = Array::try_from(Map::Array(data)).expect("an array");
+    filter
+        .iter()
+        .map(|word| word.expect("read a word").count_ones())
+        .sum()
+}
+
+/// The filter that lets untouched traffic skip the services lookup holds one bit per forked
+/// service, set before steering starts, and no bit once nothing is forked.
+#[test]
+fn the_destination_filter_holds_exactly_the_forked_services() {
+    let Some(mut c) = Cluster::new("l4-filter") else {
+        return;
+    };
+    c.start(&[]);
+    // svc-a over TCP and UDP, v4 and v6 (svc-b has no fork).
+    assert_eq!(filter_bits(&c), 4);
+    assert_eq!(c.tcp(&c.member, VIP4), FORK);
+    c.write_config(&c.config_text(false));
+    assert!(
+        eventually(Duration::from_secs(5), || filter_bits(&c) == 0),
+        "no service is forked any more: {} bits left",
+        filter_bits(&c)
+    );
+    assert_eq!(c.tcp(&c.member, VIP4), BASELINE);
+    c.write_config(&c.config_text(true));
+    assert!(eventually(Duration::from_secs(5), || c.tcp(&c.member, VIP4) == FORK));
+    assert_eq!(filter_bits(&c), 4);
+}
+
 #[test]
 fn non_member_reaches_the_baseline() {
     let Some(mut c) = Cluster::new("l4-outsider") else {

@@ -382,6 +382,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<(Maps, CounterReader), LoadError> {
         members: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::MEMBERS)?,
         routes: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::ROUTES)?,
         endpoints: take::<BpfHashMap<MapData, _, _>>(ebpf, map_names::ENDPOINTS)?,
+        dst_filter: take::<Array<MapData, _>>(ebpf, map_names::DST_FILTER)?,
         route_stats: take::<PerCpuHashMap<MapData, _, _>>(ebpf, map_names::ROUTE_STATS)?,
     };
     let stats = take::<PerCpuArray<MapData, _>>(ebpf, map_names::STATS)?;

@@ -8,7 +8,7 @@ use std::{
 
 use redirector_common::{
     EndpointKey, FAMILY_V4, FAMILY_V6, MEMBER_INJECT_KEY, MemberValue, RouteKey, RouteValue,
-    SERVICE_HTTP_HANDOFF, ServiceKey, ServiceValue, SockAddr,
+    SERVICE_HTTP_HANDOFF, ServiceKey, ServiceValue, SockAddr, dst_filter,
 };
 
 use super::KernelState;
@@ -196,6 +196,8 @@ pub fn encode(
         state
             .services
             .insert(key, ServiceValue { service_id, flags });
+        let (word, mask) = dst_filter::word_and_mask(&key);
+        *state.filter.entry(word).or_default() |= mask;
     }
     for sandbox in &keys {
         let sandbox_id = ids.sandbox(&sandbox.key);

@@ -19,10 +19,10 @@ use std::{collections::HashMap, hash::Hash};
 
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap},
 };
 use redirector_common::{
-    EndpointKey, MemberValue, RouteKey, RouteValue, ServiceKey, ServiceValue, SockAddr,
+    EndpointKey, MemberValue, RouteKey, RouteValue, ServiceKey, ServiceValue, SockAddr, dst_filter,
 };
 
 pub use self::{
@@ -56,6 +56,9 @@ pub struct KernelState {
     pub routes: HashMap<RouteKey, RouteValue>,
     /// Each route's endpoints after the first, at indices `1..count`.
     pub endpoints: HashMap<EndpointKey, SockAddr>,
+    /// The destination filter's words that have a bit set, by index (see
+    /// `redirector_common::dst_filter`).
+    pub filter: HashMap<u32, u64>,
 }
 
 /// Handles on the pinned maps.
@@ -64,6 +67,7 @@ pub struct Maps {
     pub members: BpfHashMap<MapData, u64, MemberValue>,
     pub routes: BpfHashMap<MapData, RouteKey, RouteValue>,
     pub endpoints: BpfHashMap<MapData, EndpointKey, SockAddr>,
+    pub dst_filter: Array<MapData, u64>,
     pub route_stats: PerCpuHashMap<MapData, RouteKey, u64>,
 }
 
@@ -75,7 +79,27 @@ impl Maps {
             members: read_map(&self.members, "members")?,
             routes: read_map(&self.routes, "routes")?,
             endpoints: read_map(&self.endpoints, "endpoints")?,
+            filter: self.read_filter()?,
         })
+    }
+
+    /// The filter's words that have a bit set (the map is an array: every index exists).
+    fn read_filter(&self) -> Result<HashMap<u32, u64>, SyncError> {
+        let mut words = HashMap::new();
+        for index in 0..dst_filter::WORDS {
+            let word = self
+                .dst_filter
+                .get(&index, 0)
+                .map_err(|source| SyncError::Map {
+                    map: "dst_filter",
+                    op: "read",
+                    source,
+                })?;
+            if word != 0 {
+                words.insert(index, word);
+            }
+        }
+        Ok(words)
     }
 
     /// The members map as the kernel holds it now: cookie -> sandbox id.
@@ -96,6 +120,15 @@ impl Maps {
                 Write::Route(key, value) => put(&mut self.routes, "routes", &key, value)?,
                 Write::Endpoint(key, value) => {
                     put(&mut self.endpoints, "endpoints", &key, value)?;
+                }
+                Write::FilterWord(index, word) => {
+                    self.dst_filter
+                        .set(index, word, 0)
+                        .map_err(|source| SyncError::Map {
+                            map: "dst_filter",
+                            op: "set",
+                            source,
+                        })?
                 }
             }
         }

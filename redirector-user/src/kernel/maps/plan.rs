@@ -15,6 +15,8 @@ pub enum Write {
     Member(u64, Option<MemberValue>),
     Route(RouteKey, Option<RouteValue>),
     Endpoint(EndpointKey, Option<SockAddr>),
+    /// A word of the destination filter, by index.
+    FilterWord(u32, u64),
 }
 
 /// The writes that take the kernel from `current` to `desired`, in the order the module docs
@@ -62,6 +64,11 @@ pub fn plan(current: &KernelState, desired: &KernelState) -> Result<Vec<Write>, 
     if !members_fit {
         stale(w, &current.members, &desired.members, Write::Member);
     }
+    // A service's filter bit is set before the service is written and cleared only after it
+    // is removed: first every bit either state needs, at the end only the desired ones.
+    filter_words(w, &current.filter, &desired.filter, |current, desired| {
+        (current | desired != current).then_some(current | desired)
+    });
     changed(w, &current.endpoints, &desired.endpoints, Write::Endpoint);
     changed(w, &current.routes, &desired.routes, Write::Route);
     changed(w, &current.services, &desired.services, Write::Service);
@@ -78,7 +85,31 @@ pub fn plan(current: &KernelState, desired: &KernelState) -> Result<Vec<Write>, 
     if endpoints_fit {
         stale(w, &current.endpoints, &desired.endpoints, Write::Endpoint);
     }
+    filter_words(w, &current.filter, &desired.filter, |current, desired| {
+        // The first pass left `current | desired`.
+        (desired != current | desired).then_some(desired)
+    });
     Ok(writes)
+}
+
+/// Writes, for every filter word either state has, the value `write(current, desired)` asks
+/// for, if any.
+fn filter_words(
+    writes: &mut Vec<Write>,
+    current: &HashMap<u32, u64>,
+    desired: &HashMap<u32, u64>,
+    write: fn(u64, u64) -> Option<u64>,
+) {
+    let indices = current
+        .keys()
+        .chain(desired.keys().filter(|i| !current.contains_key(i)));
+    for &index in indices {
+        let now = current.get(&index).copied().unwrap_or(0);
+        let want = desired.get(&index).copied().unwrap_or(0);
+        if let Some(value) = write(now, want) {
+            writes.push(Write::FilterWord(index, value));
+        }
+    }
 }
 
 /// Sets the entries of `desired` that `current` lacks or holds with another value.
@@ -359,5 +390,86 @@ mod tests {
             err.to_string(),
             "map t is full: the state needs 20 entries, the capacity is 11"
         );
+    }
+
+    /// The filter bits of `state`'s services, as the kernel would hold them after `writes`
+    /// applied to `start` up to (not including) position `upto`.
+    fn filter_after(start: &KernelState, writes: &[Write], upto: usize) -> HashMap<u32, u64> {
+        let mut words = start.filter.clone();
+        for write in &writes[..upto] {
+            if let Write::FilterWord(index, value) = write {
+                words.insert(*index, *value);
+            }
+        }
+        words
+    }
+
+    fn covers(words: &HashMap<u32, u64>, key: &ServiceKey) -> bool {
+        let (word, mask) = redirector_common::dst_filter::word_and_mask(key);
+        words.get(&word).is_some_and(|bits| bits & mask != 0)
+    }
+
+    /// The filter never hides a service the kernel holds: at every write, each service in
+    /// the services map (as it is at that point) has its bit set; at the end, only the desired
+    /// services' bits are.
+    #[test]
+    fn the_filter_covers_every_service_at_every_step() {
+        let mut ids = Ids::default();
+        let c = cookies();
+        let before = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
+        let mut after_state = desired(&[("k1", "b", "[fd00::7]:53")]);
+        after_state.services.remove("a");
+        let after = encode(&after_state, &mut ids, &c, Handoff::default());
+        assert!(!before.filter.is_empty() && !after.filter.is_empty());
+
+        let writes = plan(&before, &after).expect("fits");
+        let mut services = before.services.clone();
+        for (at, write) in writes.iter().enumerate() {
+            if let Write::Service(key, value) = write {
+                // The filter must cover the service from before its insert until after its
+                // removal.
+                let filter = filter_after(&before, &writes, at);
+                match value {
+                    Some(value) => {
+                        assert!(covers(&filter, key), "inserted uncovered: {writes:?}");
+                        services.insert(*key, *value);
+                    }
+                    None => {
+                        services.remove(key);
+                    }
+                }
+            }
+            let filter = filter_after(&before, &writes, at + 1);
+            for key in services.keys() {
+                assert!(covers(&filter, key), "step {at} hides {key:?}: {writes:?}");
+            }
+        }
+        assert_eq!(
+            filter_after(&before, &writes, writes.len())
+                .into_iter()
+                .filter(|(_, bits)| *bits != 0)
+                .collect::<HashMap<_, _>>(),
+            after.filter,
+            "only the desired bits are left"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_filter_is_not_written() {
+        let mut ids = Ids::default();
+        let c = cookies();
+        let state = encode(
+            &desired(&[("k1", "a", "10.0.1.7:8080")]),
+            &mut ids,
+            &c,
+            Handoff::default(),
+        );
+        let writes = plan(&state, &state).expect("fits");
+        assert!(writes.is_empty(), "{writes:?}");
     }
 }
