@@ -104,10 +104,10 @@ pub mod map_sizes {
 /// The destination filter (`RDR_DSTFLT`): one bit per hash of each forked service's key, in
 /// an array of [`WORDS`](dst_filter::WORDS) 64-bit words. A destination whose bit is clear is
 /// no service, and the forward hooks return after this one array read, which the verifier
-/// turns into a plain memory load, instead of a hash-map lookup (about 100 ns on the benchmark
-/// machine). A set bit says "maybe": the services map decides. The daemon sets a service's bit
-/// before the service enters the services map and clears it only after it left (and no other
-/// service shares the bit), so the filter never hides a service.
+/// turns into a plain memory load, instead of a hash-map lookup (50-90 ns per run on the
+/// benchmark machine). A set bit says "maybe": the services map decides. The daemon sets a
+/// service's bit before the service enters the services map and clears it only after it left
+/// (and no other service shares the bit), so the filter never hides a service.
 pub mod dst_filter {
     use super::ServiceKey;
 
