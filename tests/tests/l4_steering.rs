@@ -179,7 +179,9 @@ fn the_destination_filter_holds_exactly_the_forked_services() {
     );
     assert_eq!(c.tcp(&c.member, VIP4), BASELINE);
     c.write_config(&c.config_text(true));
-    assert!(eventually(Duration::from_secs(5), || c.tcp(&c.member, VIP4) == FORK));
+    assert!(eventually(Duration::from_secs(5), || c
+        .tcp(&c.member, VIP4)
+        == FORK));
     assert_eq!(filter_bits(&c), 4);
 }
 
