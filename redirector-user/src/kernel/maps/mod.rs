@@ -6,7 +6,10 @@
 //! new state go missing. For a route's endpoint set that means: the endpoints a route value
 //! counts are written before the value that makes the set grow, and removed only after the
 //! value that makes it shrink; an endpoint replaced at the same index is one atomic update.
-//! [`plan()`] puts the writes in that order; [`Maps::apply`] carries them out.
+//! The destination filter brackets it all: every bit the old or the new services need is set
+//! before the first write, and bits only the old ones needed are cleared after the last, so
+//! the filter never hides a service the services map holds. [`plan()`] puts the writes in that
+//! order; [`Maps::apply`] carries them out.
 //!
 //! This module holds the handles on the pinned maps and carries out an apply; the `encode`
 //! submodule turns the desired state into entries and ids ([`encode()`]), and the `plan`
