@@ -52,6 +52,11 @@ pub fn plan(current: &KernelState, desired: &KernelState) -> Result<Vec<Write>, 
 
     let mut writes = Vec::new();
     let w = &mut writes;
+    // A service's filter bit is set before the service is written and cleared only after it
+    // is removed: first every bit either state needs, at the end only the desired ones.
+    filter_words(w, &current.filter, &desired.filter, |current, desired| {
+        (current | desired != current).then_some(current | desired)
+    });
     if !routes_fit {
         stale(w, &current.routes, &desired.routes, Write::Route);
     }
@@ -64,11 +69,6 @@ pub fn plan(current: &KernelState, desired: &KernelState) -> Result<Vec<Write>, 
     if !members_fit {
         stale(w, &current.members, &desired.members, Write::Member);
     }
-    // A service's filter bit is set before the service is written and cleared only after it
-    // is removed: first every bit either state needs, at the end only the desired ones.
-    filter_words(w, &current.filter, &desired.filter, |current, desired| {
-        (current | desired != current).then_some(current | desired)
-    });
     changed(w, &current.endpoints, &desired.endpoints, Write::Endpoint);
     changed(w, &current.routes, &desired.routes, Write::Route);
     changed(w, &current.services, &desired.services, Write::Service);
