@@ -191,20 +191,16 @@ fn status(daemon: &Daemon) -> StatusAnswer {
             map("endpoints", |s| s.endpoints.len(), map_sizes::ENDPOINTS),
         ]
         .into_iter()
-        .chain(table_counts(daemon).map_or_else(Vec::new, |tables| {
-            vec![
-                MapStatus {
-                    map: "handoff_records".to_owned(),
-                    entries: tables.handoff_records as usize,
-                    capacity: map_sizes::ORIG_DST,
-                },
-                MapStatus {
-                    map: "reverse_entries".to_owned(),
-                    entries: tables.reverse_entries as usize,
-                    capacity: map_sizes::REVNAT,
-                },
-            ]
-        }))
+        .chain(
+            table_counts(daemon)
+                .iter()
+                .flat_map(TableCounts::occupancy)
+                .map(|(map, entries, capacity)| MapStatus {
+                    map: map.to_owned(),
+                    entries,
+                    capacity,
+                }),
+        )
         .collect(),
         router,
         counts: Counts {
@@ -388,17 +384,9 @@ static REFRESHING: Mutex<()> = Mutex::new(());
 
 fn refresh_metrics(daemon: &Daemon) -> OffLoop {
     let metrics = daemon.metrics.clone();
-    if let Some(tables) = table_counts(daemon) {
-        metrics.map(
-            "handoff_records",
-            tables.handoff_records as usize,
-            map_sizes::ORIG_DST,
-        );
-        metrics.map(
-            "reverse_entries",
-            tables.reverse_entries as usize,
-            map_sizes::REVNAT,
-        );
+    let tables = table_counts(daemon);
+    for (map, entries, capacity) in tables.iter().flat_map(TableCounts::occupancy) {
+        metrics.map(map, entries, capacity);
     }
     if let Some(written) = &daemon.sync.written {
         metrics.map("services", written.services.len(), map_sizes::SERVICES);
@@ -407,7 +395,6 @@ fn refresh_metrics(daemon: &Daemon) -> OffLoop {
         metrics.map("endpoints", written.endpoints.len(), map_sizes::ENDPOINTS);
     }
     let counters = daemon.sync.kernel.counters.clone();
-    let tables = table_counts(daemon);
     let names = route_names(daemon);
     Box::new(move || {
         let _turn = match REFRESHING.try_lock() {

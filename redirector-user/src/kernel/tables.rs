@@ -22,7 +22,6 @@ use std::{
     collections::HashSet,
     hash::Hash,
     io,
-    os::fd::AsFd as _,
     sync::{Arc, Mutex, mpsc},
     thread,
     time::Duration,
@@ -32,7 +31,9 @@ use aya::{
     Pod,
     maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray},
 };
-use redirector_common::{RevNatKey, SockAddr, table_stats};
+use redirector_common::{RevNatKey, SockAddr, map_sizes, table_stats};
+
+use super::maps::second_handle;
 use tracing::warn;
 
 /// How often the tables are counted.
@@ -62,6 +63,22 @@ pub struct TableCounts {
 }
 
 impl TableCounts {
+    /// (table, entries, capacity) of the two tables, as `status` and `/metrics` name them.
+    pub fn occupancy(&self) -> [(&'static str, usize, u32); 2] {
+        [
+            (
+                "handoff_records",
+                self.handoff_records as usize,
+                map_sizes::ORIG_DST,
+            ),
+            (
+                "reverse_entries",
+                self.reverse_entries as usize,
+                map_sizes::REVNAT,
+            ),
+        ]
+    }
+
     /// (name, value) of the counters, as `stats` and `/metrics` name them.
     pub fn counters(&self) -> [(&'static str, u64); 3] {
         [
@@ -76,8 +93,7 @@ impl TableCounts {
 pub fn reopen_handoff(
     map: &BpfHashMap<MapData, SockAddr, SockAddr>,
 ) -> io::Result<BpfHashMap<MapData, SockAddr, SockAddr>> {
-    let fd = map.map().fd().as_fd().try_clone_to_owned()?;
-    let data = MapData::from_fd(fd).map_err(io::Error::other)?;
+    let data = second_handle(map.map())?;
     // RDR_ORIGDST is an LRU hash map (see redirector-ebpf's maps).
     BpfHashMap::try_from(Map::LruHashMap(data)).map_err(io::Error::other)
 }

@@ -1,12 +1,12 @@
 //! Reading the kernel's counters: the per-event totals (`RDR_STATS`) and the per-route steering
 //! counters (`RDR_RTSTAT`, a walk of up to one entry per route). Through handles of their own,
 //! so that `stats` and metrics scrapes read them on the blocking pool, never on the control loop.
-use std::{io, os::fd::AsFd as _};
+use std::io;
 
 use aya::maps::{IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use redirector_common::{RouteKey, stats};
 
-use super::SyncError;
+use super::{SyncError, second_handle};
 
 /// Per-event counters summed over CPUs, in `redirector_common::stats` order.
 pub type Counters = [(&'static str, u64); stats::COUNT as usize];
@@ -23,8 +23,7 @@ impl CounterReader {
         stats: PerCpuArray<MapData, u64>,
         route_stats: &PerCpuHashMap<MapData, RouteKey, u64>,
     ) -> io::Result<CounterReader> {
-        let fd = route_stats.map().fd().as_fd().try_clone_to_owned()?;
-        let data = MapData::from_fd(fd).map_err(io::Error::other)?;
+        let data = second_handle(route_stats.map())?;
         let route_stats =
             PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(io::Error::other)?;
         Ok(CounterReader { stats, route_stats })

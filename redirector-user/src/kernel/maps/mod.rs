@@ -18,7 +18,7 @@ mod counters;
 mod encode;
 mod plan;
 
-use std::{collections::HashMap, hash::Hash};
+use std::{collections::HashMap, hash::Hash, io, os::fd::AsFd as _};
 
 use aya::{
     Pod,
@@ -155,6 +155,13 @@ impl Maps {
             }
         }
     }
+}
+
+/// Another handle on the kernel map behind `map`, for another thread or owner: the same map,
+/// through a duplicated descriptor.
+pub fn second_handle(map: &MapData) -> io::Result<MapData> {
+    let fd = map.fd().as_fd().try_clone_to_owned()?;
+    MapData::from_fd(fd).map_err(io::Error::other)
 }
 
 fn read_map<K: Pod + Eq + Hash, V: Pod>(
